@@ -1,0 +1,138 @@
+"""Named graph constraints and the two presets.
+
+Each constraint is a small object with a ``code``, a ``message`` and the format-score ``penalty`` it costs.
+The parser in :mod:`npr_env.graph` reports what it sees by code; a :class:`ConstraintSet` decides which codes
+count. A user can compose a set from the built-ins, or add a constraint with a ``check(graph)`` function of
+their own::
+
+    from npr_env import constraints as C
+    mine = C.ConstraintSet([C.UNCLOSED_TAG, C.EMPTY_STEP, C.Constraint("SHORT", "too short", 1.0, True,
+                                                                       check=lambda g: g.stats.total_tokens < 8)])
+
+Penalties follow the reference checker: a *hard* failure costs its own penalty, *soft* ones add up; the format
+score is ``-(max hard) - (sum soft)``, clipped to ``[-2, 0)``, and exactly 0 when nothing is violated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .schema import MAX_DEPTH, MAX_PLANS
+
+
+@dataclass(frozen=True)
+class Constraint:
+    code: str
+    message: str
+    penalty: float
+    hard: bool
+    # Optional whole-graph check for user constraints: returns True when the graph violates it.
+    check: Callable | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Violation:
+    code: str
+    message: str
+    index: int  # serialized token index where it was seen; -1 when seen at the end of the sequence
+    penalty: float
+    hard: bool
+
+
+def _c(code: str, message: str, penalty: float, hard: bool = True) -> Constraint:
+    return Constraint(code, message, penalty, hard)
+
+
+# Structure (hard failures).
+NO_BLOCK = _c("NO_BLOCK", "the response has no <guideline>/<step>/<takeaway> block", 1.5)
+NO_PARALLEL_BLOCK = _c("NO_PARALLEL_BLOCK", "no block branches into two or more steps", 1.0)
+NO_PLANS = _c("NO_PLANS", "a <guideline> closes without any <plan>", 1.0)
+PLAN_STEP_COUNT_MISMATCH = _c("PLAN_STEP_COUNT_MISMATCH", "the number of steps differs from the number of plans", 1.0)
+NESTED_STEP = _c("NESTED_STEP", "<step> opened inside an open <step>", 1.5)
+STEP_OUTSIDE_BLOCK = _c("STEP_OUTSIDE_BLOCK", "<step> outside a block (not after a </guideline>)", 1.5)
+MISPLACED_TAG = _c("MISPLACED_TAG", "an opening tag where it is not allowed", 1.5)
+UNCLOSED_TAG = _c("UNCLOSED_TAG", "a tag is still open (or a new one opened before it closed)", 1.5)
+STRAY_CLOSING_TAG = _c("STRAY_CLOSING_TAG", "a closing tag that closes nothing open", 1.5)
+MISSING_TAKEAWAY = _c("MISSING_TAKEAWAY", "the steps of a block are not followed by a <takeaway>", 1.0)
+TOO_MANY_PLANS = _c("TOO_MANY_PLANS", "a <guideline> has more plans than allowed", 1.0)
+DEPTH_EXCEEDED = _c("DEPTH_EXCEEDED", "blocks are nested deeper than allowed", 1.0)
+MISSING_ANSWER = _c("MISSING_ANSWER", "the text after the last block has no non-empty \\boxed{}", 1.0)
+TEXT_AFTER_EOS = _c("TEXT_AFTER_EOS", "tokens after the end-of-sequence token", 1.0)
+# Content (soft penalties).
+EMPTY_PLAN = _c("EMPTY_PLAN", "a plan has fewer than 3 characters after its number", 0.4, hard=False)
+EMPTY_STEP = _c("EMPTY_STEP", "a step has fewer than 6 characters after its number", 0.4, hard=False)
+EMPTY_TAKEAWAY = _c("EMPTY_TAKEAWAY", "a takeaway has fewer than 6 characters", 0.4, hard=False)
+TEXT_BETWEEN_TAGS = _c("TEXT_BETWEEN_TAGS", "text where only tags may stand (inside a guideline, between steps)",
+                       0.4, hard=False)
+UNNUMBERED_PLAN = _c("UNNUMBERED_PLAN", "a plan does not start with its number, as in '<plan>1: ...'", 0.4, hard=False)
+STEP_NUMBER_MISMATCH = _c("STEP_NUMBER_MISMATCH", "step i does not carry the number of plan i", 0.2, hard=False)
+
+ALL: tuple[Constraint, ...] = (
+    NO_BLOCK, NO_PARALLEL_BLOCK, NO_PLANS, PLAN_STEP_COUNT_MISMATCH, NESTED_STEP, STEP_OUTSIDE_BLOCK,
+    MISPLACED_TAG, UNCLOSED_TAG, STRAY_CLOSING_TAG, MISSING_TAKEAWAY, TOO_MANY_PLANS, DEPTH_EXCEEDED,
+    MISSING_ANSWER, TEXT_AFTER_EOS, EMPTY_PLAN, EMPTY_STEP, EMPTY_TAKEAWAY, TEXT_BETWEEN_TAGS, UNNUMBERED_PLAN,
+    STEP_NUMBER_MISMATCH,
+)
+BY_CODE = {c.code: c for c in ALL}
+
+
+class ConstraintSet:
+    """The constraints that count for one graph, with the limits that the parser enforces."""
+
+    def __init__(self, constraints: Iterable[Constraint], name: str = "custom", max_plans: int = MAX_PLANS,
+                 max_depth: int = MAX_DEPTH):
+        self.constraints = tuple(constraints)
+        self.name = name
+        self.max_plans = max_plans
+        self.max_depth = max_depth
+        self._by_code = {c.code: c for c in self.constraints}
+
+    def __contains__(self, code: str) -> bool:
+        return code in self._by_code
+
+    def get(self, code: str) -> Constraint | None:
+        return self._by_code.get(code)
+
+    def custom(self) -> tuple[Constraint, ...]:
+        return tuple(c for c in self.constraints if c.check is not None)
+
+    def __repr__(self) -> str:
+        return f"ConstraintSet({self.name!r}, {len(self.constraints)} constraints, max_plans={self.max_plans})"
+
+
+def relaxed(**limits) -> ConstraintSet:
+    """Stage 1 (format discovery): the reference checker's rules. One plan per block is fine, plans need not
+    be numbered, and a parallel block is not required; a response without any block still fails."""
+    skip = {NO_PARALLEL_BLOCK.code, UNNUMBERED_PLAN.code, STEP_NUMBER_MISMATCH.code}
+    return ConstraintSet([c for c in ALL if c.code not in skip], name="relaxed", **limits)
+
+
+def strict(**limits) -> ConstraintSet:
+    """Stages 2-3: every rule, numbered plans and steps, and at least one block with two or more branches."""
+    return ConstraintSet(ALL, name="strict", **limits)
+
+
+PRESETS = {"relaxed": relaxed, "strict": strict}
+
+
+def resolve(constraints: str | ConstraintSet | None) -> ConstraintSet:
+    if constraints is None:
+        return strict()
+    if isinstance(constraints, ConstraintSet):
+        return constraints
+    if constraints not in PRESETS:
+        raise ValueError(f"unknown constraint preset {constraints!r}; choose one of {sorted(PRESETS)} "
+                         "or pass a ConstraintSet")
+    return PRESETS[constraints]()
+
+
+def format_score(violations: Iterable[Violation]) -> float:
+    """0 when valid; otherwise ``-(max hard penalty) - (sum of soft penalties, once per code)``, in ``[-2, 0)``."""
+    violations = list(violations)
+    hard = [v.penalty for v in violations if v.hard]
+    soft = {v.code: v.penalty for v in violations if not v.hard}.values()  # each soft rule costs once
+    if not hard and not soft:
+        return 0.0
+    score = -(max(hard) if hard else 0.0) - sum(soft)
+    return max(-2.0, min(score, -0.1))
