@@ -31,6 +31,7 @@ from enum import Enum
 import numpy as np
 
 from . import constraints as C
+from .layout import Layout
 from .schema import (
     CLOSE_TAGS,
     GUIDELINE_CLOSE,
@@ -176,40 +177,6 @@ class GraphStats:
                 "total_tokens": self.total_tokens, "critical_path_tokens": self.critical_path_tokens,
                 "num_parallel_blocks": self.num_parallel_blocks, "ideal_speedup": self.ideal_speedup,
                 "is_parallel": self.is_parallel}
-
-
-@dataclass
-class Layout:
-    """The serialized layout of a graph: positions and compact visibility, O(L * depth) numbers.
-
-    ``hide_lo/hide_hi`` are ``[L, D]``: token q may not see serialized indices in ``[hide_lo[q,d], hide_hi[q,d])``.
-    """
-
-    position_ids: np.ndarray  # [L] int64
-    hide_lo: np.ndarray  # [L, D] int64
-    hide_hi: np.ndarray  # [L, D] int64
-
-    def __len__(self) -> int:
-        return len(self.position_ids)
-
-    def dense_mask(self) -> np.ndarray:
-        """[L, L] bool, True where row q may attend to column k (causal in serialized order)."""
-        L = len(self.position_ids)
-        k = np.arange(L)
-        mask = k[None, :] <= k[:, None]
-        for d in range(self.hide_lo.shape[1]):
-            mask &= ~((k[None, :] >= self.hide_lo[:, d, None]) & (k[None, :] < self.hide_hi[:, d, None]))
-        return mask
-
-    def can_see(self, q: int, k: int) -> bool:
-        if k > q:
-            return False
-        return not bool(np.any((self.hide_lo[q] <= k) & (k < self.hide_hi[q])))
-
-    @staticmethod
-    def sequential(length: int) -> Layout:
-        z = np.zeros((length, 1), dtype=np.int64)
-        return Layout(np.arange(length, dtype=np.int64), z, z.copy())
 
 
 class ExecutionGraph:
