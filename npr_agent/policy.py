@@ -1,0 +1,315 @@
+"""The training forward under the parallel layout: per-token logprobs of many trajectories in one forward.
+
+A trajectory is scored with the positions and visibility of its :class:`npr_env.layout.Layout` (the graph's
+``layout()``, the one place they are computed). The host only ships the compact layout (``O(B * T * D)``
+integers); the attention mask is built on the device, as an additive float mask (eager / SDPA) or as a
+FlexAttention block mask (``attn="flex"``, for long sequences on GPU).
+
+Token ``t`` is predicted by the logits of row ``predictor[t]``: the latest token it may see. That is ``t - 1``,
+except for the first token of a sibling step, whose predictor is the end of the guideline segment (the step
+cannot see its earlier siblings). So logprobs are taken from gathered rows, never from a plain shift.
+
+Pitfall this module avoids: transformers infers "packed sequences" from non-monotonic ``position_ids`` when
+no 4-D mask is given, which silently changes attention. We always pass an explicit 4-D mask with the
+positions, and never a boolean 4-D mask (an eager attention misreads it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from npr_env.layout import Layout, attention_bias, collate, flex_mask_mod, predictor_indices
+
+
+@dataclass
+class Sample:
+    """One trajectory to score: prompt + serialized response ids and the layout over both.
+
+    The engine's ``Rollout`` has the same fields (``graph`` instead of ``layout``) and can be passed as is.
+    """
+
+    prompt_ids: list[int]
+    token_ids: list[int]  # the response, serialized
+    layout: Layout  # over prompt + response
+    logprobs: list[float] | None = None  # engine logprobs of the response tokens
+    forced_mask: list[bool] | None = None  # response tokens the engine forced (not sampled)
+
+    @classmethod
+    def from_graph(cls, graph, forced_mask: list[bool] | None = None) -> Sample:
+        """A sample from an :class:`npr_env.ExecutionGraph` (SFT data): prompt, response and layout."""
+        ids = graph.token_ids
+        p = graph.prompt_len
+        return cls(list(ids[:p]), list(ids[p:]), graph.layout(), forced_mask=forced_mask)
+
+
+@dataclass
+class TokenBatch:
+    """A right-padded batch of trajectories, as tensors on one device. Every field is ``[B, T]`` unless noted.
+
+    ``loss_mask`` marks the tokens that are trained: response tokens, not padding, not forced (unless
+    ``train_forced``), and with a predictor. ``response_mask`` marks every scored response token.
+    ``index`` ``[B]`` is each row's position in the list given to :func:`build_batch` (micro-batches keep it).
+    """
+
+    input_ids: torch.Tensor  # int64
+    position_ids: torch.Tensor  # int64
+    hide_lo: torch.Tensor  # [B, T, D] int64
+    hide_hi: torch.Tensor  # [B, T, D] int64
+    valid: torch.Tensor  # bool, False on padding
+    predictor: torch.Tensor  # int64, row whose logits predict the token; 0 where it has none (masked)
+    loss_mask: torch.Tensor  # bool
+    response_mask: torch.Tensor  # bool
+    old_logprobs: torch.Tensor  # float32, engine logprobs on response tokens, 0 elsewhere
+    index: torch.Tensor  # [B] int64
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """Σ|y| over this batch: the token normaliser of the policy losses."""
+        return int(self.loss_mask.sum().item())
+
+    def to(self, device) -> TokenBatch:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def select(self, rows, trim: int | None = 8) -> TokenBatch:
+        """The rows ``rows`` (slice, index list or tensor), with trailing all-padding columns cut off.
+
+        ``trim`` rounds the kept length up to a multiple of it (``None`` keeps every column).
+        """
+        if isinstance(rows, slice):
+            sub = {f.name: getattr(self, f.name)[rows] for f in fields(self)}
+        else:
+            idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+            sub = {f.name: getattr(self, f.name).index_select(0, idx) for f in fields(self)}
+        if trim is not None and sub["valid"].numel():
+            n = int(sub["valid"].sum(1).max().item())
+            t = min(self.seq_len, -(-max(n, 1) // trim) * trim)
+            for k, v in sub.items():
+                if k != "index":
+                    sub[k] = v[:, :t]
+        return TokenBatch(**sub)
+
+    def split(self, micro_batch_size: int, trim: int | None = 8) -> list[TokenBatch]:
+        """Consecutive micro-batches of at most ``micro_batch_size`` rows (see :meth:`select`)."""
+        if micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        return [self.select(slice(i, i + micro_batch_size), trim)
+                for i in range(0, self.batch_size, micro_batch_size)]
+
+    def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The additive ``[B, 1, T, T]`` mask, built on the batch's device from the compact layout."""
+        return attention_bias(self.hide_lo, self.hide_hi, self.valid, dtype=dtype)
+
+
+def _sample_layout(s) -> Layout:
+    lay = getattr(s, "layout", None)
+    if isinstance(lay, Layout):
+        return lay
+    graph = getattr(s, "graph", None)
+    if graph is None:
+        raise TypeError(f"{type(s).__name__} has neither a Layout `layout` nor a `graph`")
+    return graph.layout()
+
+
+def build_batch(samples: Sequence, device=None, train_forced: bool = False,
+                pad_to_multiple: int = 8) -> TokenBatch:
+    """Collate samples (:class:`Sample`, engine ``Rollout`` or anything with the same fields) into a batch.
+
+    Each sample has ``prompt_ids``, ``token_ids`` (the serialized response), ``layout`` or ``graph``
+    (``graph.layout()`` is used), and optionally ``logprobs`` and ``forced_mask`` (per response token).
+    Host work is ``O(B * T * D)``: no ``T x T`` mask is built here.
+    """
+    if not samples:
+        raise ValueError("build_batch needs at least one sample")
+    layouts, ids, prompt_lens = [], [], []
+    for i, s in enumerate(samples):
+        prompt, resp = list(s.prompt_ids), list(s.token_ids)
+        lay = _sample_layout(s)
+        if len(prompt) + len(resp) != len(lay):
+            raise ValueError(f"sample {i}: {len(prompt)} prompt + {len(resp)} response ids, but its layout "
+                             f"covers {len(lay)} tokens")
+        graph = getattr(s, "graph", None)
+        if graph is not None and graph.token_ids != prompt + resp:  # token in, token out: no drift allowed
+            raise ValueError(f"sample {i}: prompt_ids + token_ids differ from its graph's serialized ids")
+        for name in ("logprobs", "forced_mask"):
+            v = getattr(s, name, None)
+            if v is not None and len(v) != len(resp):
+                raise ValueError(f"sample {i}: {name} has {len(v)} entries for {len(resp)} response tokens")
+        layouts.append(lay)
+        ids.append(prompt + resp)
+        prompt_lens.append(len(prompt))
+
+    longest = max(len(x) for x in ids)
+    pad_to = -(-max(longest, 1) // pad_to_multiple) * pad_to_multiple if pad_to_multiple else longest
+    c = collate(layouts, pad_to=pad_to)
+    B, T = c["valid"].shape
+    input_ids = np.zeros((B, T), dtype=np.int64)
+    predictor = np.full((B, T), -1, dtype=np.int64)
+    response = np.zeros((B, T), dtype=bool)
+    forced = np.zeros((B, T), dtype=bool)
+    old = np.zeros((B, T), dtype=np.float32)
+    for b, s in enumerate(samples):
+        n, p = len(ids[b]), prompt_lens[b]
+        input_ids[b, :n] = ids[b]
+        predictor[b, :n] = predictor_indices(layouts[b])
+        response[b, p:n] = True
+        if getattr(s, "forced_mask", None) is not None:
+            forced[b, p:n] = np.asarray(s.forced_mask, dtype=bool)
+        if getattr(s, "logprobs", None) is not None:
+            old[b, p:n] = np.asarray(s.logprobs, dtype=np.float32)
+    response &= predictor >= 0  # a token with nothing before it cannot be scored
+    loss_mask = response if train_forced else response & ~forced
+    out = TokenBatch(
+        input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(c["position_ids"]),
+        hide_lo=torch.from_numpy(c["hide_lo"]), hide_hi=torch.from_numpy(c["hide_hi"]),
+        valid=torch.from_numpy(c["valid"]), predictor=torch.from_numpy(np.maximum(predictor, 0)),
+        loss_mask=torch.from_numpy(loss_mask), response_mask=torch.from_numpy(response),
+        old_logprobs=torch.from_numpy(old), index=torch.arange(B),
+    )
+    return out.to(device) if device is not None else out
+
+
+# -- forward ------------------------------------------------------------------------------------------------
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside a DDP / compile wrapper (for its config and output head)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _mask_for(model: nn.Module, batch: TokenBatch, attn: str):
+    inner = _unwrap(model)
+    impl = getattr(inner.config, "_attn_implementation", None)
+    if attn == "auto":
+        attn = "flex" if impl == "flex_attention" else "bias"
+    if attn == "flex":
+        if impl != "flex_attention":
+            raise ValueError(f"attn='flex' needs a model loaded with attn_implementation='flex_attention' "
+                             f"(it has {impl!r})")
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        B, T = batch.input_ids.shape
+        mod = flex_mask_mod(batch.hide_lo, batch.hide_hi, batch.valid)
+        return create_block_mask(mod, B, None, T, T, device=batch.device)
+    if attn != "bias":
+        raise ValueError(f"attn must be 'auto', 'bias' or 'flex', got {attn!r}")
+    if impl not in (None, "eager", "sdpa"):
+        raise ValueError(f"attn='bias' (an additive 4-D mask) needs an eager or sdpa model, not {impl!r}; "
+                         "use attn='flex' with attn_implementation='flex_attention'")
+    dtype = next(inner.parameters()).dtype
+    return batch.attention_mask(dtype if dtype.is_floating_point else torch.float32)
+
+
+def hidden_states(model: nn.Module, batch: TokenBatch, attn: str = "auto") -> torch.Tensor:
+    """Final (normed) hidden states ``[B, T, H]`` under the batch's layout.
+
+    A plain HF model runs its backbone only (no ``[B, T, V]`` logits). A wrapped one (DDP) is called through
+    its own forward, so the wrapper's hooks run; it then computes the logits of one position only.
+    """
+    mask = _mask_for(model, batch, attn)
+    kw = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
+    if isinstance(model, PreTrainedModel) and model.base_model is not model:
+        return model.base_model(**kw).last_hidden_state
+    out = model(**kw, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def _rows_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float,
+                   want_entropy: bool):
+    logits = head(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    lp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not want_entropy:
+        return lp, lp.new_zeros(())
+    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return lp, ent
+
+
+def _token_logprobs_one(model, batch, temperature, return_entropy, all_tokens, attn, chunk_tokens):
+    B, T = batch.input_ids.shape
+    sel = (batch.valid & (torch.arange(T, device=batch.device) > 0)) if all_tokens else batch.response_mask
+    b_idx, t_idx = sel.nonzero(as_tuple=True)
+    h = hidden_states(model, batch, attn)
+    rows = h[b_idx, batch.predictor[b_idx, t_idx]]  # only the rows that predict a scored token
+    targets = batch.input_ids[b_idx, t_idx]
+    head = _unwrap(model).get_output_embeddings()
+    lps, ents = [], []
+    n = rows.shape[0]
+    for i in range(0, max(n, 1), chunk_tokens):
+        args = (head, rows[i:i + chunk_tokens], targets[i:i + chunk_tokens], temperature, return_entropy)
+        if torch.is_grad_enabled() and n > chunk_tokens:
+            # recompute each chunk's [chunk, V] logits in backward instead of keeping all of them alive
+            lp, ent = torch.utils.checkpoint.checkpoint(_rows_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _rows_logprobs(*args)
+        lps.append(lp)
+        ents.append(ent)
+    logp = torch.zeros(B, T, dtype=torch.float32, device=batch.device)
+    logp = logp.index_put((b_idx, t_idx), torch.cat(lps)[:n])
+    if not return_entropy:
+        return logp, None
+    ent = torch.zeros(B, T, dtype=torch.float32, device=batch.device)
+    return logp, ent.index_put((b_idx, t_idx), torch.cat(ents)[:n])
+
+
+def token_logprobs(model: nn.Module, batch: TokenBatch, temperature: float = 1.0, return_entropy: bool = False,
+                   micro_batch_size: int | None = None, all_tokens: bool = False, attn: str = "auto",
+                   chunk_tokens: int = 1024):
+    """Logprobs ``[B, T]`` (float32) of the batch's tokens under ``model``, with the parallel layout.
+
+    ``logprob[b, t] = log_softmax(logits[b, predictor[b, t]] / temperature)[input_ids[b, t]]``, for every
+    scored response token (``all_tokens=True``: every token with a predictor, prompt included); 0 elsewhere.
+    With ``return_entropy`` it returns ``(logprobs, entropy)``, the entropy of the same distributions.
+
+    ``micro_batch_size`` runs the rows in chunks (for no-grad scoring of big batches); ``chunk_tokens``
+    bounds the ``[tokens, vocab]`` logits held at once (chunks are recomputed in backward when grad is on).
+    ``attn``: ``"bias"`` (additive float mask, eager/SDPA), ``"flex"`` (block mask; the model must use
+    ``flex_attention``), or ``"auto"`` (the one that fits the model).
+    """
+    parts = batch.split(micro_batch_size, trim=8) if micro_batch_size else [batch]
+    outs = [_token_logprobs_one(model, mb, temperature, return_entropy, all_tokens, attn, chunk_tokens)
+            for mb in parts]
+    if len(outs) == 1:
+        lp, ent = outs[0]
+    else:
+        T = batch.seq_len
+        lp = torch.cat([F.pad(o[0], (0, T - o[0].shape[1])) for o in outs])
+        ent = torch.cat([F.pad(o[1], (0, T - o[1].shape[1])) for o in outs]) if return_entropy else None
+    return (lp, ent) if return_entropy else lp
+
+
+def sft_loss(model: nn.Module, batch: TokenBatch, num_tokens: int | None = None, **kw) -> torch.Tensor:
+    """Mean NLL over ``loss_mask`` tokens (stage-0 / stage-2 SFT).
+
+    ``num_tokens``: the loss-token count of the whole batch, when ``batch`` is one of its micro-batches; the
+    sum of the micro-batch losses (and of their gradients) then equals the full-batch mean.
+    """
+    lp = token_logprobs(model, batch, **kw)
+    n = batch.num_loss_tokens if num_tokens is None else num_tokens
+    return -(lp * batch.loss_mask).sum() / max(n, 1)
+
+
+__all__ = ["Sample", "TokenBatch", "build_batch", "hidden_states", "sft_loss", "token_logprobs"]
