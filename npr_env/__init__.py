@@ -15,3 +15,7 @@ __all__ = [
     "INSTRUCTION", "TAGS", "ConstraintSet", "Cursor", "Event", "ExecutionGraph", "Layout", "Violation",
     "add_npr_tokens", "load_tokenizer", "parse",
 ]
+
+from .envs import register_envs  # noqa: E402
+
+register_envs()

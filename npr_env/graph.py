@@ -260,6 +260,8 @@ class ExecutionGraph:
             nonlocal max_d
             start = 0
             for b in t.blocks:
+                if b.offset < 0:  # guideline still open, no step yet: its tokens come with the trace's tail
+                    continue
                 emit(t, start, b.offset, hide)
                 start = b.offset
                 first = len(ids)
@@ -347,7 +349,7 @@ class ExecutionGraph:
                 continue
             seen.add(key)
             out.append(C.Violation(code, c.message + (f" ({detail})" if detail else ""), idx, c.penalty, c.hard))
-        for c in cs.custom():
+        for c in cs.custom() if at_end else ():  # user checks judge whole sequences, not prefixes
             try:
                 bad = bool(c.check(self))
             except Exception as e:  # a user check must not turn a verdict into a crash

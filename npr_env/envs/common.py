@@ -1,0 +1,91 @@
+"""What the two NPR envs share: drawing a problem, building the prompt, and scoring a finished graph."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..constraints import ConstraintSet, resolve
+from ..graph import ExecutionGraph
+from ..schema import last_boxed
+
+
+def question_and_answer(problem: Any) -> tuple[str, str, str]:
+    """``(id, question, gold answer)`` of a Problem, or of any object or mapping with those fields."""
+    get = problem.get if isinstance(problem, dict) else lambda k, d=None: getattr(problem, k, d)
+    question, answer = get("question"), get("answer")
+    if not isinstance(question, str) or answer is None:
+        raise ValueError(f"a problem needs a str `question` and an `answer`, got {type(problem).__name__}: "
+                         f"question={question!r:.80}, answer={answer!r:.80}")
+    return str(get("id", "") or ""), question, str(answer)
+
+
+class ProblemSource:
+    """Draws one problem per episode with the env's RNG, so that ``reset(seed=s)`` fixes the problem.
+
+    ``tasks`` may be:
+
+    * None: procedural arithmetic, ``npr_env.tasks.ProceduralTasks(**task_kwargs)`` (the tiny preset's
+      ``num_subproblems=(2, 4), digits=(2, 1)`` by default);
+    * a sized, indexable collection of problems (a list, an HF dataset): drawn uniformly;
+    * an indexable endless source such as ``ProceduralTasks``: ``tasks[i]`` with ``i`` drawn from the RNG;
+    * any object with ``sample(n) -> list[Problem]``: called as is (its own RNG decides, so seed it).
+    """
+
+    def __init__(self, tasks: Any = None, task_kwargs: dict | None = None):
+        if tasks is not None and not hasattr(tasks, "__getitem__") and not hasattr(tasks, "sample"):
+            raise TypeError(f"tasks must be None, a list of problems, an indexable source or an object with "
+                            f"sample(n); got {type(tasks).__name__}")
+        if hasattr(tasks, "__len__") and len(tasks) == 0:
+            raise ValueError("tasks is empty")
+        if task_kwargs and tasks is not None:
+            raise ValueError("task_kwargs configure the default procedural tasks, not a source you pass")
+        self.tasks = tasks
+        self.task_kwargs = dict(task_kwargs or {})
+
+    def draw(self, rng: np.random.Generator) -> Any:
+        if self.tasks is None:
+            from ..tasks import ProceduralTasks  # lazy: the env module stays light to import
+
+            self.tasks = ProceduralTasks(**self.task_kwargs)
+        t = self.tasks
+        if hasattr(t, "__getitem__") and hasattr(t, "__len__"):
+            return t[int(rng.integers(len(t)))]
+        if hasattr(t, "__getitem__"):
+            return t[int(rng.integers(2**31 - 1))]
+        return t.sample(1)[0]
+
+
+def prompt_ids(tokenizer, text: str, chat_kwargs: dict | None = None) -> list[int]:
+    """The user turn through the tokenizer's chat template, ending with the assistant header."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, **(chat_kwargs or {}))
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+
+
+# The constraint set each reward preset grades with (npr_env.rewards); the env stops early under the same one.
+PRESET_CONSTRAINTS = {"stage1": "relaxed", "papo": "strict", "accuracy": "relaxed"}
+
+
+def constraints_for(reward: str, constraints: str | ConstraintSet | None) -> ConstraintSet:
+    """The env's constraint set: the one given, else the one the reward preset grades with."""
+    if constraints is None:
+        constraints = PRESET_CONSTRAINTS.get(reward, "strict")
+    return resolve(constraints)
+
+
+def score(preset: str, graph: ExecutionGraph, gold: str, truncated: bool = False) -> tuple[float, dict]:
+    """Terminal reward of ``graph`` under a reward preset, and the info fields that explain it."""
+    from .. import rewards  # lazy: rewards imports the verifier
+
+    r = rewards.score(preset, graph, gold, truncated=truncated)
+    answer = last_boxed(graph.final_text())
+    return float(r.reward), {
+        "answer": answer, "correct": bool(r.correct), "valid": bool(r.valid), "dropped": bool(r.dropped),
+        "format_score": float(r.format_score), "violations": tuple(v.code for v in graph.violations),
+    }
