@@ -1,0 +1,535 @@
+"""Answer extraction and equivalence checking, with a hard timeout that works anywhere.
+
+``verify(prediction_text, gold)`` takes the last ``\\boxed{...}`` of the prediction and asks whether it equals
+the gold answer. Two stages:
+
+1. A fast path in this process: normalized string equality (spaces, ``\\left``/``\\right``, ``\\dfrac``,
+   ``\\text{}``, degrees, thousands separators ...), exact numbers and fractions, multiple-choice letters. It
+   settles most rollouts (the procedural tasks' integer answers always) without any IPC.
+2. math-verify, gold first (``verify(parse(gold), parse(pred))``: the check is asymmetric), in a small pool of
+   persistent worker *subprocesses*. math-verify's own timeouts use ``signal.alarm``, which fails outside the
+   main thread, so they are switched off (``parsing_timeout=None``, ``timeout_seconds=None``) and the deadline
+   is ours: the parent waits on the worker's pipe with ``select`` and kills a worker that runs over (a fresh one
+   starts at once). Plain ``subprocess`` rather than ``multiprocessing``: it works from threads, from
+   daemonic worker processes (which may not have multiprocessing children) and after ``fork``.
+
+Every model-output input gets a deterministic verdict: a timeout, a crash of the worker, or any exception
+is ``False``. The deadline counts from the moment the request is sent to a *ready* worker, so a cold start
+(importing sympy, about 0.5 s) never turns a right answer into a timeout. POSIX only (``select`` on pipes).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+
+from .schema import last_boxed
+
+# Answers longer than this are not answers (and only feed the parser's worst cases): False, no parsing.
+MAX_ANSWER_CHARS = 2000
+# How long a new worker may take to import math-verify and warm up before we call it broken.
+STARTUP_TIMEOUT = 60.0
+# Worker memory cap (address space), so that `\\boxed{9^{9^{9^9}}}` fails fast instead of eating the machine.
+MAX_WORKER_MEM_MB = int(os.environ.get("NPR_VERIFY_MAX_MEM_MB", "3072"))
+
+
+def extract_answer(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (nested braces kept), or None when there is none."""
+    if not isinstance(text, str):
+        return None
+    return last_boxed(text)
+
+
+# -- normalization and the fast path --------------------------------------------------------------------------
+_WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
+_DROP = re.compile(r"\\left|\\right|\\displaystyle|\\[!,;:> ]|~|\$")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree|(?<![a-z])degrees?(?![a-z])", re.I)
+_NUM = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[+-]?\.\d+")
+_FRAC = re.compile(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}|([+-]?)\\frac(\d)(\d)|([+-]?\d+)/([+-]?\d+)")
+_CHOICE = re.compile(r"\(?([A-E])\)?")
+_CHOICE_PRED = re.compile(r"\(([A-Ea-e])\)|([A-Ea-e])\)?")
+
+
+def normalize(answer: str) -> str:
+    """A canonical string form of an answer, for exact-match comparison (not a math canonical form)."""
+    s = answer.strip()
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", ",").replace("\\%", "%")
+    s = s.replace("\\$", "")
+    s = re.sub(r"\\([lg])e(?![a-zA-Z])", r"\\\1eq", s)
+    for _ in range(3):  # unwrap \text{...} and friends, innermost first
+        s2 = _WRAPPERS.sub(r"\1", s)
+        if s2 == s:
+            break
+        s = s2
+    s = _DROP.sub(" ", s)
+    s = _DEGREES.sub("", s)
+    s = "".join(s.split())
+    return s.rstrip(".")  # sentence punctuation: "5." is 5
+
+
+def _as_number(s: str) -> tuple[Fraction, bool] | None:
+    """(value, exact) for a plain number or fraction in normalized form; exact is False for decimals."""
+    m = _NUM.fullmatch(s)
+    if m:
+        try:
+            return Fraction(s.replace(",", "")), "." not in s
+        except (ValueError, ZeroDivisionError):
+            return None
+    m = _FRAC.fullmatch(s)
+    if m:
+        g = m.groups()
+        if g[1] is not None:
+            sign, a, b = g[0], g[1], g[2]
+        elif g[4] is not None:
+            sign, a, b = g[3], g[4], g[5]
+        else:
+            sign, a, b = "", g[6], g[7]
+        if int(b) == 0:
+            return None
+        v = Fraction(int(a), int(b))
+        return (-v if sign == "-" else v), True
+    return None
+
+
+def _choice(s: str) -> str | None:
+    """The letter of a multiple-choice gold answer such as ``B``, ``(B)`` or ``\\text{(B)}``."""
+    m = _CHOICE.fullmatch(s)
+    return m.group(1) if m else None
+
+
+def _pred_choice(s: str) -> str | None:
+    """The letter a prediction picks: ``B``, ``b``, ``(B)``, ``(B) 5`` or ``\\textbf{(B)}~5``."""
+    m = _CHOICE_PRED.match(s)
+    if not m:
+        return None
+    if m.group(1):
+        return m.group(1).upper()
+    return m.group(2).upper() if m.end() == len(s) else None
+
+
+def fast_verdict(pred: str, gold: str) -> bool | None:
+    """True/False when the answers can be judged without math-verify, else None.
+
+    Only returns False when the verdict is certain: both are exact numbers (integers or fractions), or the
+    gold is a choice letter and the prediction picks a letter or is a number.
+    """
+    p, g = normalize(pred), normalize(gold)
+    if not p:
+        return False
+    if p == g:
+        return True
+    letter = _choice(g)
+    if letter is not None:
+        picked = _pred_choice(p)
+        if picked is not None:
+            return picked == letter
+        if _as_number(p) is not None and not re.search(r",\s", pred):
+            return False
+        return None
+    # "1,000" is a thousands separator, "92, 102" is a list: decide on the raw text, before spaces are dropped.
+    a = None if re.search(r",\s", pred) else _as_number(p)
+    b = None if re.search(r",\s", gold) else _as_number(g)
+    if a is not None and b is not None:
+        if a[0] == b[0]:
+            return True
+        if a[1] and b[1]:
+            return False
+    return None
+
+
+def _clean_gold(gold) -> str:
+    if isinstance(gold, float) and gold.is_integer():
+        gold = int(gold)
+    gold = str(gold)
+    if "\\boxed" in gold or "\\fbox" in gold:  # a whole solution was passed: grade against its box
+        gold = last_boxed(gold) or gold
+    return gold.strip()
+
+
+# -- math-verify (runs inside a worker) -------------------------------------------------------------------------
+def math_verify_equal(pred: str, gold: str) -> bool:
+    """math-verify's verdict, gold first, with its signal-based timeouts off. NO timeout: call it in a worker."""
+    import logging
+
+    from math_verify import parse
+    from math_verify import verify as mv_verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that its own timeouts are off
+
+    g = parse("\\boxed{" + gold + "}", parsing_timeout=None)
+    p = parse("\\boxed{" + pred + "}", parsing_timeout=None)
+    if not g or not p:
+        return False
+    return bool(mv_verify(g, p, timeout_seconds=None))
+
+
+def _worker_main() -> None:
+    """Worker loop: one JSON request per line on stdin (``[id, pred, gold, cpu_budget_s]``), ``id 0|1`` out."""
+    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # anything the libraries print goes to stderr, never into the protocol
+    try:
+        import logging
+        import resource
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which owns our lifetime
+        logging.disable(logging.CRITICAL)
+        if MAX_WORKER_MEM_MB > 0:
+            lim = MAX_WORKER_MEM_MB * 2**20
+            _, hard = resource.getrlimit(resource.RLIMIT_AS)
+            if hard == resource.RLIM_INFINITY or hard > lim:
+                resource.setrlimit(resource.RLIMIT_AS, (lim, hard))
+        math_verify_equal("\\frac{1}{2}", "0.5")  # warm up: imports, grammar, sympy caches
+    except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent
+        out.write(("error " + json.dumps(f"{type(e).__name__}: {e}") + "\n").encode())
+        return
+    out.write(b"ready\n")
+    cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    for line in sys.stdin.buffer:
+        try:
+            rid, pred, gold, budget = json.loads(line)
+        except Exception:
+            continue
+        # Backstop if the parent dies mid-request: the kernel stops us after `budget` more CPU seconds.
+        try:
+            used = resource.getrusage(resource.RUSAGE_SELF)
+            soft = int(used.ru_utime + used.ru_stime + budget) + 1
+            if cpu_hard == resource.RLIM_INFINITY or soft < cpu_hard:
+                resource.setrlimit(resource.RLIMIT_CPU, (soft, cpu_hard))
+        except (ValueError, OSError):
+            pass
+        try:
+            ok = math_verify_equal(pred, gold)
+        except BaseException:  # noqa: BLE001 - RecursionError, MemoryError, sympy errors: all "not equal"
+            ok = False
+        out.write(f"{rid} {int(ok)}\n".encode())
+
+
+# The worker imports this module (and so the npr_env package, which should stay light to import).
+_BOOT = """
+import sys
+try:
+    from npr_env.verify import _worker_main
+except BaseException as e:
+    sys.stdout.write("error " + repr(f"{type(e).__name__}: {e}") + "\\n")
+    sys.stdout.flush()
+    raise SystemExit(1)
+_worker_main()
+"""
+
+
+class VerifierError(RuntimeError):
+    """The verifier's worker could not start (an environment problem, never a verdict on model output)."""
+
+
+class _Worker:
+    def __init__(self):
+        root = str(Path(__file__).resolve().parents[1])  # importable even when npr is not pip-installed
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, env=env, close_fds=True)
+        self.fd = self.proc.stdout.fileno()
+        self.buf = b""
+        self.ready = False
+        self.next_id = 0
+
+    def _readline(self, deadline: float) -> bytes | None:
+        """A line from the worker, or None at the deadline; raises EOFError when the worker died."""
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            r, _, _ = select.select([self.fd], [], [], left)
+            if not r:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def poll_ready(self) -> bool:
+        """Non-blocking: has the worker finished starting? (A failed start is left for wait_ready to report.)"""
+        if b"\n" not in self.buf:
+            try:
+                r, _, _ = select.select([self.fd], [], [], 0)
+                if r:
+                    chunk = os.read(self.fd, 65536)
+                    if not chunk:
+                        return True  # dead: let wait_ready raise on it
+                    self.buf += chunk
+            except (OSError, ValueError):
+                return True
+        return b"\n" in self.buf
+
+    def wait_ready(self) -> None:
+        if self.ready:
+            return
+        try:
+            line = self._readline(time.monotonic() + STARTUP_TIMEOUT)
+        except EOFError:
+            line = b"error \"the worker exited during start-up\""
+        if line is None or line != b"ready":
+            self.kill()
+            why = "timed out" if line is None else line.decode(errors="replace")
+            raise VerifierError(f"the math-verify worker did not start ({why})")
+        self.ready = True
+
+    def call(self, pred: str, gold: str, timeout: float) -> bool | None:
+        """The verdict, or None when the worker ran over or died (it must then be replaced)."""
+        self.wait_ready()
+        rid = self.next_id
+        self.next_id += 1
+        req = json.dumps([rid, pred, gold, max(10.0, 4 * timeout)]) + "\n"
+        deadline = time.monotonic() + timeout
+        try:
+            self.proc.stdin.write(req.encode())
+            self.proc.stdin.flush()
+            while True:
+                line = self._readline(deadline)
+                if line is None:
+                    return None
+                got, _, ok = line.decode().partition(" ")
+                if got == str(rid):
+                    return ok == "1"
+        except (OSError, EOFError, ValueError):
+            return None
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+class _Pool:
+    """Up to ``size`` persistent workers; a worker that runs over is killed and replaced right away.
+
+    An idle worker that has finished starting up is preferred over one still importing, so a replacement
+    started after a timeout does not delay the next call while a warm worker is free.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.cond = threading.Condition()
+        self.idle: list[_Worker] = []
+        self.count = 0
+        self.all: set[_Worker] = set()
+
+    def _acquire(self) -> _Worker:
+        with self.cond:
+            while True:
+                for w in reversed(self.idle):
+                    if w.ready or w.poll_ready():
+                        self.idle.remove(w)
+                        return w
+                if self.count < self.size:
+                    self.count += 1
+                    break
+                if self.idle:
+                    return self.idle.pop()
+                self.cond.wait()
+        try:
+            w = _Worker()
+        except Exception:
+            with self.cond:
+                self.count -= 1
+                self.cond.notify()
+            raise
+        with self.cond:
+            self.all.add(w)
+        return w
+
+    def _release(self, w: _Worker) -> None:
+        with self.cond:
+            self.idle.append(w)
+            self.cond.notify()
+
+    def _drop(self, w: _Worker, replace: bool) -> None:
+        w.kill()
+        fresh = None
+        if replace:
+            try:
+                fresh = _Worker()  # starts importing now, so it is (nearly) ready when next needed
+            except Exception:  # noqa: BLE001 - cannot spawn now: shrink the pool, a later acquire retries
+                fresh = None
+        with self.cond:
+            self.all.discard(w)
+            if fresh is None:
+                self.count -= 1
+            else:
+                self.all.add(fresh)
+                self.idle.append(fresh)
+            self.cond.notify()
+
+    def call(self, pred: str, gold: str, timeout: float) -> bool:
+        w = self._acquire()
+        try:
+            ok = w.call(pred, gold, timeout)
+        except VerifierError:
+            self._drop(w, replace=False)
+            raise
+        except BaseException:
+            self._drop(w, replace=True)
+            raise
+        if ok is None:
+            self._drop(w, replace=True)
+            return False
+        self._release(w)
+        return ok
+
+    def close(self) -> None:
+        with self.cond:
+            workers, self.all, self.idle, self.count = list(self.all), set(), [], 0
+        for w in workers:
+            w.kill()
+
+
+_POOL: _Pool | None = None
+_POOL_LOCK = threading.Lock()
+POOL_SIZE = int(os.environ.get("NPR_VERIFY_WORKERS", "0")) or max(1, min(4, os.cpu_count() or 1))
+
+
+def _pool() -> _Pool:
+    global _POOL
+    if _POOL is None:
+        with _POOL_LOCK:
+            if _POOL is None:
+                _POOL = _Pool(POOL_SIZE)
+    return _POOL
+
+
+def _after_fork() -> None:
+    # A forked child must not talk to its parent's workers (their pipes are shared); it starts its own pool.
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+def warmup() -> None:
+    """Start every worker of the pool and wait until each is ready (e.g. before timing, or at trainer start)."""
+    pool = _pool()
+    held = [pool._acquire() for _ in range(pool.size)]  # all of them at once, so each one starts
+    error = None
+    for w in held:
+        try:
+            w.wait_ready()
+        except VerifierError as e:
+            pool._drop(w, replace=False)
+            error = error or e
+        else:
+            pool._release(w)
+    if error is not None:
+        raise error
+
+
+def shutdown() -> None:
+    """Stop the worker processes (they also stop on their own when this process exits)."""
+    if _POOL is not None:
+        _POOL.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+atexit.register(shutdown)
+
+
+# -- public API ---------------------------------------------------------------------------------------------------
+def _prepare(prediction_text, gold, fast: bool = True) -> tuple[str, str] | bool:
+    """(pred answer, gold) for the slow path, or the verdict when it is already known."""
+    if not isinstance(prediction_text, str):
+        return False
+    pred = extract_answer(prediction_text)
+    if pred is None:
+        return False
+    pred = pred.strip()
+    gold = _clean_gold(gold)
+    if not pred or not gold or len(pred) > MAX_ANSWER_CHARS:
+        return False
+    if not fast:
+        return pred, gold
+    try:
+        known = fast_verdict(pred, gold)
+    except Exception:  # noqa: BLE001 - the fast path must never decide by crashing
+        known = None
+    return known if known is not None else (pred, gold)
+
+
+def answers_match(pred: str, gold: str, timeout: float | None = 5.0) -> bool:
+    """Whether a bare answer string (no ``\\boxed``) equals the gold; ``timeout=None`` runs in-process."""
+    return verify("\\boxed{" + str(pred) + "}", gold, timeout=timeout)
+
+
+def verify(prediction_text: str, gold: str, timeout: float | None = 5.0, fast: bool = True) -> bool:
+    """Whether the last ``\\boxed{}`` of ``prediction_text`` equals ``gold``; False without a box.
+
+    ``timeout`` (seconds) bounds the math-verify stage hard; over it, the verdict is False. ``timeout=None``
+    runs math-verify in this process with no timeout at all: only for trusted inputs. ``fast=False`` skips
+    the fast path (every pair goes to math-verify; for tests and debugging).
+    """
+    prep = _prepare(prediction_text, gold, fast)
+    if isinstance(prep, bool):
+        return prep
+    pred, gold = prep
+    if timeout is None:
+        try:
+            return math_verify_equal(pred, gold)
+        except Exception:  # noqa: BLE001
+            return False
+    if timeout <= 0:
+        return False
+    return _pool().call(pred, gold, float(timeout))
+
+
+def verify_many(predictions: Sequence[str], golds: Sequence[str], timeout: float | None = 5.0,
+                fast: bool = True) -> list[bool]:
+    """``verify`` over a batch; the ones the fast path cannot settle run on all workers at once."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions but {len(golds)} gold answers")
+    out: list[bool | None] = []
+    slow: list[int] = []
+    preps = []
+    for p, g in zip(predictions, golds):
+        prep = _prepare(p, g, fast)
+        preps.append(prep)
+        if isinstance(prep, bool):
+            out.append(prep)
+        else:
+            out.append(None)
+            slow.append(len(out) - 1)
+    if not slow:
+        return out  # type: ignore[return-value]
+    if timeout is None or len(slow) == 1:
+        for i in slow:
+            out[i] = verify("\\boxed{" + preps[i][0] + "}", preps[i][1], timeout=timeout, fast=fast)
+        return out  # type: ignore[return-value]
+    if timeout <= 0:
+        return [bool(x) for x in out]
+    pool = _pool()
+    with ThreadPoolExecutor(max_workers=min(pool.size, len(slow))) as ex:
+        verdicts = list(ex.map(lambda i: pool.call(preps[i][0], preps[i][1], float(timeout)), slow))
+    for i, v in zip(slow, verdicts):
+        out[i] = v
+    return out  # type: ignore[return-value]
+
+
+__all__ = ["VerifierError", "answers_match", "extract_answer", "fast_verdict", "math_verify_equal", "normalize",
+           "shutdown", "verify", "verify_many", "warmup"]
