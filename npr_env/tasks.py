@@ -281,6 +281,102 @@ class ProceduralTasks:
                 f"combine={self.combine!r}, split={self.split!r})")
 
 
+class GroupSumTasks:
+    """The tiny preset's task: add up each of 2-4 labelled groups of digits; the answer lists the sums.
+
+    Each group is an independent sub-problem with real work in it (a running sum), so a parallel solution
+    has long steps and a short guideline and takeaway, which is where the speedup of parallel decoding comes
+    from::
+
+        A=4 7 2 9; B=3 8 5 1. Sum each.
+        <guideline><plan>1: sum A</plan><plan>2: sum B</plan></guideline>
+        <step>1: A=4 7 2 9: 4+7=11, 11+2=13, 13+9=22, so A=22</step>
+        <step>2: B=3 8 5 1: 3+8=11, 11+5=16, 16+1=17, so B=17</step>
+        <takeaway>A=22 B=17</takeaway>\\boxed{(22,17)}
+
+    Knobs: ``num_subproblems`` (groups, at most 5), ``terms`` (digits per group: the length of each step).
+    Problems are a pure function of ``(seed, index)``; ``split`` keeps train and test questions disjoint (a hash
+    of the question text, as in :class:`ProceduralTasks`).
+    """
+
+    LABELS = "ABCDE"
+
+    def __init__(self, seed: int = 0, num_subproblems: int | tuple[int, int] = (2, 4),
+                 terms: int | tuple[int, int] = (5, 6), split: str | None = "train", test_fraction: float = 0.1):
+        self.seed = seed
+        self.num_subproblems = _range(num_subproblems, "num_subproblems")
+        self.terms = _range(terms, "terms")
+        if self.num_subproblems[1] > len(self.LABELS):
+            raise ValueError(f"num_subproblems is at most {len(self.LABELS)}, got {num_subproblems!r}")
+        if self.terms[0] < 2:
+            raise ValueError(f"terms must be >= 2 (a group of one digit has nothing to add), got {terms!r}")
+        if split not in ("train", "test", None):
+            raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
+        self.split, self.test_fraction = split, test_fraction
+        self._cursor = 0
+
+    def split_of(self, question: str) -> str:
+        return "test" if _stable_hash(question) % 10**6 < self.test_fraction * 10**6 else "train"
+
+    def __getitem__(self, i: int) -> Problem:
+        if i < 0:
+            raise IndexError("procedural problems are indexed from 0")
+        for attempt in range(100_000):
+            rng = random.Random(f"groupsum/{self.seed}/{i}/{attempt}")
+            groups = [[rng.randint(1, 9) for _ in range(rng.randint(*self.terms))]
+                      for _ in range(rng.randint(*self.num_subproblems))]
+            question = "; ".join(f"{self.LABELS[j]}={' '.join(map(str, g))}" for j, g in enumerate(groups))
+            question += ". Sum each."
+            if self.split is None or self.split_of(question) == self.split:
+                return self._problem(groups, question)
+        raise RuntimeError(f"no {self.split} problem found: the knobs allow too few distinct questions")
+
+    @staticmethod
+    def running_sum(group: list[int]) -> str:
+        parts, total = [], group[0]
+        for x in group[1:]:
+            parts.append(f"{total}+{x}={total + x}")
+            total += x
+        return ", ".join(parts)
+
+    def _problem(self, groups: list[list[int]], question: str) -> Problem:
+        names = self.LABELS[: len(groups)]
+        sums = [sum(g) for g in groups]
+        answer = "(" + ",".join(map(str, sums)) + ")"
+        collected = " ".join(f"{n}={s}" for n, s in zip(names, sums))
+        parallel = format_block(
+            [f"sum {n}" for n in names],
+            [f"{n}={' '.join(map(str, g))}: {self.running_sum(g)}, so {n}={v}" for n, g, v in zip(names, groups, sums)],
+            collected,
+        ) + boxed(answer)
+        sequential = " ".join(f"{n}: {self.running_sum(g)}." for n, g in zip(names, groups))
+        sequential += f" So {collected}. " + boxed(answer)
+        meta = {"num_subproblems": len(groups), "values": sums, "split": self.split_of(question)}
+        return Problem(id=f"groupsum-{_stable_hash(question):016x}", question=question, answer=answer,
+                       source="groupsum", solutions={"parallel": parallel, "sequential": sequential}, meta=meta)
+
+    def sample(self, n: int) -> list[Problem]:
+        out = [self[self._cursor + k] for k in range(n)]
+        self._cursor += n
+        return out
+
+    def stream(self) -> Iterator[Problem]:
+        while True:
+            yield self[self._cursor]
+            self._cursor += 1
+
+    __iter__ = stream
+
+    def reset(self, seed: int | None = None) -> None:
+        if seed is not None:
+            self.seed = seed
+        self._cursor = 0
+
+    def __repr__(self) -> str:
+        return (f"GroupSumTasks(seed={self.seed}, num_subproblems={self.num_subproblems}, terms={self.terms}, "
+                f"split={self.split!r})")
+
+
 # -- benchmark loaders -------------------------------------------------------------------------------------------
 class TaskFormatError(ValueError):
     """A problem file that does not follow any known schema; the message names the file and line (or item)."""
