@@ -1,0 +1,146 @@
+"""Models in, checkpoints out: build or load the policy, save it in HF format, save and restore training state.
+
+A stage's result is a plain HF directory (``save_pretrained`` + tokenizer) that transformers and SGLang load.
+Training state (``train_state.pt`` beside it while a stage runs) holds what an exact resume needs: model,
+optimizer, scheduler, every RNG, the step and the data position.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer of a model: the shipped char tokenizer for built-from-config models, else the path's own,
+    with the NPR tags added as special tokens."""
+    import npr_env
+
+    src = cfg.tokenizer or cfg.path
+    if src is None:
+        return npr_env.load_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    npr_env.add_npr_tokens(tok)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(cfg: ModelConfig, tokenizer, device: torch.device, seed: int = 0):
+    """A Qwen3 built from the config fields (tiny preset), or a local HF checkpoint with the tags added."""
+    import npr_env
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.path is None:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        torch.manual_seed(seed)
+        qcfg = Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
+            bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        qcfg._attn_implementation = "sdpa"
+        model = Qwen3ForCausalLM(qcfg).to(dtype)
+    else:
+        model = load_pretrained(cfg.path, dtype)
+        npr_env.add_npr_tokens(tokenizer, model)
+    return model.to(device)
+
+
+def load_pretrained(path: str | Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json); no hub downloads are made")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    return model
+
+
+def save_policy(model, tokenizer, out_dir: str | Path) -> Path:
+    """HF format: weights, config, generation config and the tokenizer."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_train_state(path: str | Path, model, optimizer, scheduler, step: int, data_pos: int, extra=None) -> None:
+    """Atomic: written to a temporary file, then renamed, so a kill mid-write never leaves a broken state."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state(), "step": step, "data_pos": data_pos, "extra": extra or {},
+    }, tmp)
+    os.replace(tmp, path)
+
+
+def load_train_state(path: str | Path, model, optimizer, scheduler) -> dict:
+    state = torch.load(str(path), map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(schedule: str, total: int, warmup: int, min_ratio: float = 0.0):
+    """Linear warmup, then constant or cosine decay to ``min_ratio``."""
+    import math
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f

@@ -1,0 +1,158 @@
+"""The ``npr`` command: ``train``, ``rollout`` and ``eval``.
+
+    npr train --preset tiny                       # all stages on CPU; TensorBoard under runs/
+    npr train --config configs/qwen3-4b.toml --stage stage3 --out runs/q4b --resume
+    npr train --preset tiny --smoke               # every stage for a couple of steps (CI)
+    npr rollout --model runs/tiny-s0/stage3 -n 3  # print and render a few rollouts of a checkpoint
+    npr eval --model runs/tiny-s0/stage3 --benchmarks math500,amc23 --data-dir ../shared/benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, apply_overrides, load_file, preset
+
+
+def smoke(cfg: TrainConfig) -> TrainConfig:
+    """A couple of steps of every stage, small batches: a few minutes on 2 CPU cores."""
+    cfg.name += "-smoke"
+    cfg.tasks.eval_size = 8
+    cfg.stage0.steps, cfg.stage0.batch_size = 30, 16
+    for rl in (cfg.stage1, cfg.stage3):
+        rl.steps, rl.prompts_per_step, rl.group_size, rl.eval_every = 2, 2, 4, 0
+    cfg.stage2.num_problems, cfg.stage2.tries, cfg.stage2.steps, cfg.stage2.batch_size = 8, 4, 4, 8
+    cfg.stage2.min_kept = 8
+    for c in (cfg.stage1, cfg.stage2, cfg.stage3, cfg.eval):
+        c.max_new_tokens = 96  # an untrained model rarely stops by itself
+    cfg.checkpoint_every = 1
+    return cfg
+
+
+def make_config(args) -> TrainConfig:
+    cfg = load_file(args.config) if args.config else preset(args.preset)
+    if args.smoke:
+        cfg = smoke(cfg)
+    return apply_overrides(cfg, args.set or [])
+
+
+def run_dir_for(cfg: TrainConfig, out: str | None, resume: bool) -> Path:
+    if out:
+        return Path(out)
+    root = Path(cfg.out_dir)
+    if resume:
+        found = sorted(root.glob(f"{cfg.name}-s{cfg.seed}-*"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError(f"--resume: no earlier run named {cfg.name}-s{cfg.seed}-* under {root}; pass --out")
+        return found[-1]
+    return root / f"{cfg.name}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args) -> int:
+    from .trainer import NPRTrainer
+
+    cfg = make_config(args)
+    stages = tuple(args.stage.split(",")) if args.stage else cfg.stages
+    run_dir = run_dir_for(cfg, args.out, args.resume)
+    print(f"run: {run_dir}   (tensorboard --logdir {run_dir.parent})")
+    t0 = time.time()
+    summary = NPRTrainer(cfg, run_dir, resume=args.resume, show_progress=not args.quiet).run(stages)
+    print(f"done in {time.time() - t0:.0f} s; summary: {run_dir / 'summary.json'}, curves: {summary['summary_png']}")
+    for s in stages:
+        ev = summary.get(s, {}).get("eval")
+        if ev:
+            print(f"  {s}: accuracy {ev['accuracy']:.3f}  valid {ev['valid_rate']:.3f}  parallel "
+                  f"{ev['parallel_rate']:.3f}  ideal speedup {ev['speedup_ideal']:.2f}")
+    return 0
+
+
+def cmd_rollout(args) -> int:
+    import torch
+
+    from engine import NPREngine, SamplingParams
+    from npr_env.render import render_ansi, render_rgb
+    from npr_env.tasks import GroupSumTasks
+
+    from .checkpoint import load_pretrained, load_tokenizer
+    from .config import ModelConfig
+
+    torch.set_num_threads(args.threads)
+    tok = load_tokenizer(ModelConfig(path=args.model))
+    model = load_pretrained(args.model).eval()
+    problems = GroupSumTasks(seed=args.seed, split="test").sample(args.n)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p.prompt(instruction=args.instruction)}],
+                                       add_generation_prompt=True, tokenize=True, return_dict=False)
+               for p in problems]
+    eng = NPREngine(model, tok)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed)
+    rollouts = eng.generate(prompts, params, mode=args.mode)
+    out = Path(args.render_dir) if args.render_dir else None
+    for i, (p, r) in enumerate(zip(problems, rollouts)):
+        print(f"=== {p.question}   gold: {p.answer}")
+        print(render_ansi(r.graph))
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            import matplotlib.pyplot as plt
+
+            plt.imsave(out / f"rollout{i}.png", render_rgb(r.graph))
+    if out:
+        print(f"pictures in {out}")
+    return 0
+
+
+def cmd_eval(args, rest: list[str]) -> int:
+    from benchmarks.eval import main as eval_main
+
+    return eval_main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="npr", description="Native Parallel Reasoning: train, roll out, evaluate.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="run the training stages")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="tiny", choices=["tiny", "qwen3-4b"])
+    src.add_argument("--config", help="a TOML or YAML file (may name a preset to start from)")
+    t.add_argument("--stage", help="comma-separated stages to run (default: the config's stages)")
+    t.add_argument("--out", help="run directory (default: runs/<name>-s<seed>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest one)")
+    t.add_argument("--smoke", action="store_true", help="every stage for a couple of steps")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. stage3.steps=5")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    r = sub.add_parser("rollout", help="print and render a few rollouts of a checkpoint")
+    r.add_argument("--model", required=True)
+    r.add_argument("-n", type=int, default=3)
+    r.add_argument("--mode", default="parallel", choices=["parallel", "sequential"])
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--max-new-tokens", type=int, default=200)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--instruction", action="store_true", help="append the NPR instruction to the prompt")
+    r.add_argument("--render-dir", help="also write a PNG of each graph here")
+    sub.add_parser("eval", help="benchmarks (see `npr eval --help`)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        return cmd_eval(None, argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "train":
+            return cmd_train(args)
+        if args.cmd == "rollout":
+            return cmd_rollout(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"npr {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

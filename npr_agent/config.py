@@ -1,0 +1,291 @@
+"""Every hyper-parameter of a training run, in one place.
+
+A run is a :class:`TrainConfig`. Presets are defined here (``tiny``: CPU, minutes; ``qwen3-4b``: the paper's
+settings on GPUs); a config file (TOML or YAML) overrides a preset, and ``--set key.sub=value`` overrides both::
+
+    npr train --preset tiny --set stage3.steps=40 --set seed=1
+    npr train --config configs/qwen3-4b.toml
+
+Unknown keys and ill-typed values are errors that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # a local HF checkpoint directory; None builds a Qwen3 from the fields below
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 384
+    max_position_embeddings: int = 1024
+    dtype: str = "float32"
+    tokenizer: str | None = None  # None: the model path's tokenizer, or the shipped char tokenizer
+
+
+@dataclass
+class TaskConfig:
+    num_subproblems: tuple[int, int] = (2, 4)
+    terms: tuple[int, int] = (5, 6)  # digits per group (the length of each parallel step); npr_env.tasks.GroupSumTasks
+    instruction: bool = False  # append the NPR instruction to the prompt (for instruct models)
+    eval_size: int = 128  # held-out problems for accuracy/eval
+    benchmark: str | None = None  # a benchmark file (json/jsonl) to train on instead of procedural tasks
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int = 4096
+    max_plans: int = 5
+    max_depth: int = 2
+    min_fork_budget: int = 32
+    step_repetition_penalty: float = 1.0
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 0
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Stage0Config(SFTConfig):
+    """The tiny preset's seed model: SFT from scratch on worked solutions, mostly sequential."""
+
+    steps: int = 1500
+    parallel_fraction: float = 0.2
+
+
+@dataclass
+class RLConfig:
+    algorithm: str = "papo"
+    algorithm_args: dict = field(default_factory=dict)
+    steps: int = 0
+    prompts_per_step: int = 8
+    group_size: int = 8
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 448
+    mode: str = "parallel"  # engine mode for rollouts
+    constraints: str = "strict"
+    reward: str = "papo"  # npr_env.rewards preset
+    eval_every: int = 10
+
+
+@dataclass
+class Stage1Config(RLConfig):
+    """NPR-Zero: DAPO, sequential rollouts, relaxed constraints, format-then-accuracy reward."""
+
+    algorithm: str = "dapo"
+    steps: int = 20
+    lr: float = 3e-4
+    mode: str = "sequential"
+    constraints: str = "relaxed"
+    reward: str = "stage1"
+
+
+@dataclass
+class Stage2Config(SFTConfig):
+    """NPR-Beta: rejection sampling from the stage-1 model, then parallel SFT from the seed model."""
+
+    num_problems: int = 512
+    tries: int = 8  # samples per problem; the first correct and format-perfect one is kept
+    temperature: float = 1.0
+    max_new_tokens: int = 448
+    steps: int = 400
+    lr: float = 1e-3
+    epochs_cap: int = 20
+    # Below `min_kept` kept trajectories, add the tasks' worked parallel solutions (logged as
+    # rejection/from_solutions). Only procedural tasks have them; off for real models.
+    min_kept: int = 64
+    fill_from_solutions: bool = True
+
+
+@dataclass
+class Stage3Config(RLConfig):
+    """NPR: PAPO with the engine in parallel mode."""
+
+    algorithm: str = "papo"
+    steps: int = 40
+    lr: float = 1e-4
+
+
+@dataclass
+class EvalConfig:
+    temperature: float = 0.0  # greedy for the tiny preset's held-out accuracy
+    top_p: float = 1.0
+    max_new_tokens: int = 448
+
+
+@dataclass
+class TrainConfig:
+    name: str = "tiny"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 2
+    stages: tuple[str, ...] = ("stage0", "stage1", "stage2", "stage3")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    stage0: Stage0Config = field(default_factory=Stage0Config)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint_every: int = 10
+    log_every: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def preset(name: str) -> TrainConfig:
+    if name == "tiny":
+        return TrainConfig()
+    if name == "qwen3-4b":
+        # The paper's settings (../shared/reference/npr-facts.md); rollouts on SGLang or the native engine.
+        return TrainConfig(
+            name="qwen3-4b", device="cuda", stages=("stage1", "stage2", "stage3"),
+            model=ModelConfig(path="Qwen/Qwen3-4B-Instruct-2507", dtype="bfloat16"),
+            tasks=TaskConfig(instruction=True, benchmark=None),
+            engine=EngineConfig(block_size=16, num_blocks=65536, max_plans=5, max_depth=5, min_fork_budget=1024,
+                                step_repetition_penalty=1.02),
+            stage1=Stage1Config(steps=200, prompts_per_step=32, group_size=16, lr=1e-6, lr_schedule="cosine",
+                                max_new_tokens=30000, algorithm_args={"clip_low": 0.2, "clip_high": 0.28}),
+            stage2=Stage2Config(num_problems=8000, tries=8, max_new_tokens=30000, steps=1000, batch_size=8,
+                                lr=1e-6, warmup_ratio=0.05, fill_from_solutions=False),
+            stage3=Stage3Config(steps=200, prompts_per_step=16, group_size=16, lr=1e-7, max_new_tokens=30000),
+            eval=EvalConfig(temperature=1.0, top_p=0.7, max_new_tokens=30000),
+        )
+    raise ValueError(f"unknown preset {name!r}; choose 'tiny' or 'qwen3-4b'")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(current):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _merge(current, value, where)
+    if isinstance(current, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if isinstance(current, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        kind = type(current[0]) if current else str
+        try:
+            return tuple(kind(v) for v in value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+    if isinstance(current, dict):
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if current is None:
+        return None if value in (None, "none", "None", "") else value
+    try:
+        if isinstance(current, int) and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value} is not an integer")
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, str):
+            return None if value is None else str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return value
+
+
+def _merge(obj, data: dict, where: str):
+    names = {f.name for f in fields(obj)}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})")
+        setattr(obj, key, _coerce(value, getattr(obj, key), f"{where}.{key}" if where else key))
+    return obj
+
+
+def load_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"{path}: config files are .toml or .yaml")
+    except ConfigError:
+        raise
+    except Exception as e:  # a parse error names the file and the parser's own line/column
+        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a table")
+    if base is None:
+        base = preset(data.pop("preset", "tiny"))
+    else:
+        data.pop("preset", None)
+    return _merge(base, data, str(path))
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        obj = cfg
+        for p in parts[:-1]:
+            if not hasattr(obj, p) or not dataclasses.is_dataclass(getattr(obj, p)):
+                raise ConfigError(f"--set {key}: unknown section {p!r}")
+            obj = getattr(obj, p)
+        _merge(obj, {parts[-1]: _parse_scalar(value)}, f"--set {'.'.join(parts[:-1])}")
+    return cfg
+
+
+def _parse_scalar(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value

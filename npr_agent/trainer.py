@@ -1,0 +1,482 @@
+"""The NPR training recipe: setup, the four stages, evaluation and checkpoints, read top to bottom.
+
+    stage0  (tiny preset only) seed model: SFT from scratch on worked solutions, mostly sequential
+    stage1  NPR-Zero: DAPO, sequential rollouts, relaxed constraints, format-then-accuracy reward
+    stage2  NPR-Beta: rejection sampling from the stage-1 model (strict, correct), parallel SFT from the seed
+    stage3  NPR: PAPO with the engine in parallel mode
+
+One RL step (stages 1 and 3)::
+
+    prompts ─ engine.generate(n per prompt) ─ rollouts (ids, graph, logprobs) ─ rewards.score ─ algo.prepare
+      ─ build_batch(kept) ─ token_logprobs under graph.layout() ─ algo.loss ─ optimizer ─ log ─ checkpoint
+
+The engine reads the live module's weights, so an optimizer step is visible to the next rollout without a copy.
+Every stage writes an HF checkpoint to ``<run>/<stage>/`` and, while it runs, ``<run>/<stage>.state.pt`` for an
+exact resume (model, optimizer, scheduler, RNG, step, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import npr_env
+from npr_env import rewards as R
+from npr_env.graph import ExecutionGraph
+from npr_env.tasks import Problem
+
+from . import checkpoint as ckpt
+from .algorithms import RolloutInfo, make_algorithm
+from .config import RLConfig, SFTConfig, TrainConfig
+from .logger import RunLogger, plot_summary, postfix, progress
+from .policy import Sample, build_batch, sft_loss, token_logprobs
+
+STAGES = ("stage0", "stage1", "stage2", "stage3")
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    valid_rate: float
+    parallel_rate: float
+    branches_mean: float
+    speedup_ideal: float
+    total_tokens: float
+    critical_path: float
+    n: int
+
+    def scalars(self, prefix: str = "eval") -> dict[str, float]:
+        return {f"accuracy/{prefix}": self.accuracy, f"{prefix}/valid_rate": self.valid_rate,
+                f"{prefix}/parallel_rate": self.parallel_rate, f"{prefix}/branches_mean": self.branches_mean,
+                f"{prefix}/speedup_ideal": self.speedup_ideal, f"{prefix}/total_tokens": self.total_tokens,
+                f"{prefix}/critical_path": self.critical_path}
+
+
+def rollout_stats(graphs: list[ExecutionGraph], valid: list[bool]) -> dict[str, float]:
+    """Parallel rate = share of VALID rollouts with a block of >= 2 branches; the rest is over valid ones too."""
+    vs = [g.stats for g, ok in zip(graphs, valid) if ok]
+    if not vs:
+        return {"parallel/rate": 0.0, "parallel/branches_mean": 0.0, "parallel/speedup_ideal": 1.0}
+    branches = [b for s in vs for b in s.branches_per_block]
+    return {
+        "parallel/rate": float(np.mean([s.is_parallel for s in vs])),
+        "parallel/branches_mean": float(np.mean(branches)) if branches else 0.0,
+        "parallel/speedup_ideal": float(np.mean([s.ideal_speedup for s in vs])),
+    }
+
+
+class NPRTrainer:
+    """Runs the stages of one training run in ``run_dir``."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.show_progress = show_progress
+        self.setup()
+
+    # -- setup ----------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.set_num_threads(cfg.threads)
+        ckpt.seed_everything(cfg.seed)
+        self.device = ckpt.resolve_device(cfg.device)
+        self.tokenizer = ckpt.load_tokenizer(cfg.model)
+        self.logger = RunLogger(self.run_dir, cfg.to_json())
+        self.train_tasks, self.eval_problems = self._tasks()
+        self.summary_path = self.run_dir / "summary.json"
+        self.summary = json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
+
+    def _tasks(self):
+        t = self.cfg.tasks
+        if t.benchmark:
+            problems = npr_env.tasks.load_problems(t.benchmark)
+            rng = random.Random(self.cfg.seed)
+            rng.shuffle(problems)
+            held = problems[: t.eval_size]
+            return problems[t.eval_size:] or problems, held
+        train = npr_env.tasks.GroupSumTasks(seed=self.cfg.seed, num_subproblems=t.num_subproblems,
+                                           terms=t.terms, split="train")
+        test = npr_env.tasks.GroupSumTasks(seed=self.cfg.seed + 1, num_subproblems=t.num_subproblems,
+                                          terms=t.terms, split="test")
+        return train, test.sample(t.eval_size)
+
+    def problems(self, stage: str, step: int, n: int) -> list[Problem]:
+        """The problems of one step: a pure function of (seed, stage, step), so a resumed run sees the same."""
+        offset = (STAGES.index(stage) * 1_000_003 + step * n) if stage in STAGES else step * n
+        if isinstance(self.train_tasks, list):
+            return [self.train_tasks[(offset + i) % len(self.train_tasks)] for i in range(n)]
+        return [self.train_tasks[offset + i] for i in range(n)]
+
+    def prompt_ids(self, p: Problem) -> list[int]:
+        text = p.prompt(instruction=self.cfg.tasks.instruction)
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False)
+
+    def engine(self, model):
+        from engine import NPREngine
+
+        e = self.cfg.engine
+        return NPREngine(model, self.tokenizer, block_size=e.block_size, num_blocks=e.num_blocks,
+                         max_plans=e.max_plans, max_depth=e.max_depth, min_fork_budget=e.min_fork_budget)
+
+    def sampling(self, temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int):
+        from engine import SamplingParams
+
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                              seed=seed, step_repetition_penalty=self.cfg.engine.step_repetition_penalty)
+
+    # -- the pipeline ---------------------------------------------------------------------------------------
+    def run(self, stages: tuple[str, ...] | None = None) -> dict:
+        stages = tuple(stages or self.cfg.stages)
+        for s in stages:
+            if s not in STAGES:
+                raise ValueError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
+        for s in stages:
+            if self.resume and (self.run_dir / s / "DONE").exists():
+                print(f"[{s}] already done in {self.run_dir / s}; skipping")
+                continue
+            getattr(self, f"run_{s}")()
+            self.logger.flush()
+        png = plot_summary(self.logger.metrics_path, self.run_dir / "summary.png")
+        self.summary["summary_png"] = str(png)
+        self._save_summary()
+        self.logger.close()
+        return self.summary
+
+    def _save_summary(self):
+        self.summary_path.write_text(json.dumps(self.summary, indent=2, sort_keys=True))
+
+    def _finish_stage(self, stage: str, model, result: EvalResult | None, extra: dict | None = None):
+        out = ckpt.save_policy(model, self.tokenizer, self.run_dir / stage)
+        entry = {"checkpoint": str(out), **(extra or {})}
+        if result is not None:
+            entry["eval"] = result.__dict__
+        self.summary[stage] = entry
+        self._save_summary()
+        (out / "DONE").write_text("ok\n")
+        state = self.run_dir / f"{stage}.state.pt"
+        if state.exists():
+            state.unlink()
+
+    def load_stage(self, stage: str):
+        path = self.run_dir / stage
+        if not (path / "config.json").exists():
+            if stage == "stage0" and self.cfg.model.path is not None:
+                return self.fresh_model()
+            raise FileNotFoundError(f"{path}: no checkpoint of {stage}; run that stage first (npr train --stage "
+                                    f"{stage} --out {self.run_dir})")
+        return ckpt.load_pretrained(path, ckpt.DTYPES[self.cfg.model.dtype]).to(self.device)
+
+    def seed_stage(self) -> str:
+        return "stage0" if "stage0" in self.cfg.stages or self.cfg.model.path is None else "base"
+
+    def fresh_model(self):
+        return ckpt.build_model(self.cfg.model, self.tokenizer, self.device, seed=self.cfg.seed)
+
+    def seed_model(self):
+        """The seed policy: stage 0's output for the tiny preset, the pretrained model otherwise."""
+        if self.cfg.model.path is None:
+            return self.load_stage("stage0")
+        return self.fresh_model()
+
+    # -- stage 0: the seed model ----------------------------------------------------------------------------
+    def run_stage0(self):
+        cfg = self.cfg.stage0
+        model = self.fresh_model()
+        rng_frac = cfg.parallel_fraction
+
+        def data(step: int) -> list[Sample]:
+            out = []
+            rng = random.Random(self.cfg.seed * 7919 + step)
+            for p in self.problems("stage0", step, cfg.batch_size):
+                style = "parallel" if rng.random() < rng_frac else "sequential"
+                out.append(self.sft_sample(p, p.solutions[style], layout="sequential"))
+            return out
+
+        self.sft("stage0", model, data, cfg)
+        self._finish_stage("stage0", model, self.evaluate(model, "stage0", mode="sequential"))
+        return model
+
+    def sft_sample(self, p: Problem, response: str, layout: str) -> Sample:
+        prompt = self.prompt_ids(p)
+        resp = self.tokenizer.encode(response, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        g = ExecutionGraph.from_token_ids(prompt + resp, self.tokenizer, prompt_len=len(prompt),
+                                          constraints="relaxed", layout=layout)
+        return Sample.from_graph(g)
+
+    # -- SFT (stages 0 and 2) -------------------------------------------------------------------------------
+    def sft(self, stage: str, model, data, cfg: SFTConfig) -> None:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        warm = int(cfg.warmup_ratio * cfg.steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, ckpt.lr_lambda("cosine", cfg.steps, warm, cfg.min_lr_ratio))
+        start = self._maybe_resume(stage, model, opt, sched)
+        model.train()
+        bar = progress(cfg.steps, stage, disable=not self.show_progress)
+        bar.update(start)
+        for step in range(start, cfg.steps):
+            t0 = time.time()
+            batch = build_batch(data(step), device=self.device, train_forced=True)
+            n = batch.num_loss_tokens
+            loss = sft_loss(model, batch, num_tokens=n)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            dt = time.time() - t0
+            m = {"loss/sft": loss.item(), "policy/grad_norm": float(gn), "charts/lr": sched.get_last_lr()[0],
+                 "perf/tokens_per_s": n / max(dt, 1e-9)}
+            if step % self.cfg.log_every == 0 or step == cfg.steps - 1:
+                self.logger.log(stage, step, m)
+            bar.set_postfix(postfix(m))
+            bar.update(1)
+            if self.cfg.checkpoint_every and (step + 1) % (self.cfg.checkpoint_every * 10) == 0:
+                ckpt.save_train_state(self.run_dir / f"{stage}.state.pt", model, opt, sched, step + 1, step + 1)
+        bar.close()
+        model.eval()
+
+    def _maybe_resume(self, stage, model, opt, sched) -> int:
+        state = self.run_dir / f"{stage}.state.pt"
+        if self.resume and state.exists():
+            s = ckpt.load_train_state(state, model, opt, sched)
+            print(f"[{stage}] resumed at step {s['step']} from {state}")
+            return int(s["step"])
+        return 0
+
+    # -- stage 1: NPR-Zero -----------------------------------------------------------------------------------
+    def run_stage1(self):
+        model = self.seed_model()
+        self.rl("stage1", model, self.cfg.stage1)
+        self._finish_stage("stage1", model, self.evaluate(model, "stage1", mode="sequential"))
+        return model
+
+    # -- stage 2: NPR-Beta -----------------------------------------------------------------------------------
+    def run_stage2(self):
+        cfg = self.cfg.stage2
+        data_path = self.run_dir / "stage2_data.jsonl"
+        if not (self.resume and data_path.exists()):
+            kept = self.rejection_sample(self.load_stage("stage1"), cfg)
+            with data_path.open("w") as f:
+                for prompt, resp in kept:
+                    f.write(json.dumps({"prompt_ids": prompt, "response_ids": resp}) + "\n")
+        rows = [json.loads(line) for line in data_path.read_text().splitlines() if line.strip()]
+        if not rows:
+            raise RuntimeError("stage2: rejection sampling kept no trajectory (no correct, format-perfect sample); "
+                               "train stage 1 longer or raise stage2.tries")
+        samples = []
+        for r in rows:
+            g = ExecutionGraph.from_token_ids(r["prompt_ids"] + r["response_ids"], self.tokenizer,
+                                              prompt_len=len(r["prompt_ids"]), constraints="strict",
+                                              layout="parallel")
+            samples.append(Sample.from_graph(g))
+        model = self.seed_model()
+        self._add_tags(model)
+        steps = min(cfg.steps, max(1, cfg.epochs_cap * len(samples) // cfg.batch_size))
+        sft_cfg = SFTConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
+                            min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+
+        def data(step: int) -> list[Sample]:
+            rng = random.Random(self.cfg.seed * 104729 + step)
+            return [samples[rng.randrange(len(samples))] for _ in range(cfg.batch_size)]
+
+        self.sft("stage2", model, data, sft_cfg)
+        self._finish_stage("stage2", model, self.evaluate(model, "stage2", mode="parallel"),
+                           {"kept": len(samples), "sft_steps": steps})
+        return model
+
+    def _add_tags(self, model) -> None:
+        """Make every tag a single special token with a mean-of-subtokens embedding (a no-op when it is already)."""
+        npr_env.add_npr_tokens(self.tokenizer, model)
+
+    def rejection_sample(self, model, cfg) -> list[tuple[list[int], list[int]]]:
+        """Up to ``tries`` samples per problem; keep the first correct one whose strict format score is 0."""
+        engine = self.engine(model)
+        problems = self.problems("stage2", 0, cfg.num_problems)
+        kept, kept_for, n_valid, n_correct = [], set(), 0, 0
+        bar = progress(len(problems), "stage2 rejection sampling", disable=not self.show_progress)
+        chunk = max(1, 64 // cfg.tries)
+        t0 = time.time()
+        for i in range(0, len(problems), chunk):
+            ps = problems[i:i + chunk]
+            prompts = [self.prompt_ids(p) for p in ps for _ in range(cfg.tries)]
+            params = self.sampling(cfg.temperature, 1.0, 0, cfg.max_new_tokens, seed=self.cfg.seed * 31 + i)
+            rollouts = engine.generate(prompts, params, mode="sequential")
+            for j, p in enumerate(ps):
+                for r in rollouts[j * cfg.tries:(j + 1) * cfg.tries]:
+                    g = ExecutionGraph.from_token_ids(r.prompt_ids + r.token_ids, self.tokenizer,
+                                                      prompt_len=len(r.prompt_ids), constraints="strict")
+                    res = R.score("papo", g, p.answer, truncated=r.truncated)
+                    n_valid += res.valid
+                    n_correct += bool(res.correct)
+                    if res.valid and res.correct and not r.truncated:
+                        kept.append((list(r.prompt_ids), list(r.token_ids)))
+                        kept_for.add(i + j)
+                        break
+            bar.update(len(ps))
+            bar.set_postfix(kept=len(kept))
+        bar.close()
+        sampled = len(kept)
+        if cfg.fill_from_solutions and sampled < cfg.min_kept:
+            eos = [self.tokenizer.eos_token_id]
+            for i, p in enumerate(problems):
+                if len(kept) >= cfg.min_kept:
+                    break
+                if i not in kept_for and "parallel" in p.solutions:
+                    resp = self.tokenizer.encode(p.solutions["parallel"], add_special_tokens=False) + eos
+                    kept.append((self.prompt_ids(p), resp))
+            print(f"[stage2] rejection sampling kept {sampled}; added {len(kept) - sampled} worked solutions "
+                  f"to reach min_kept={cfg.min_kept}")
+        total = len(problems) * cfg.tries
+        self.logger.log("stage2", 0, {"rejection/kept_rate": sampled / max(1, len(problems)),
+                                      "rejection/from_solutions": len(kept) - sampled,
+                                      "rejection/valid_rate": n_valid / total,
+                                      "rejection/correct_rate": n_correct / total,
+                                      "perf/rollout_s": time.time() - t0})
+        return kept
+
+    # -- stage 3: NPR ----------------------------------------------------------------------------------------
+    def run_stage3(self):
+        model = self.load_stage("stage2")
+        self._add_tags(model)
+        self.rl("stage3", model, self.cfg.stage3)
+        self._finish_stage("stage3", model, self.evaluate(model, "stage3", mode="parallel"))
+        return model
+
+    # -- RL (stages 1 and 3) ---------------------------------------------------------------------------------
+    def rl(self, stage: str, model, cfg: RLConfig) -> None:
+        algo = make_algorithm(cfg.algorithm, dict(cfg.algorithm_args), temperature=cfg.temperature)
+        engine = self.engine(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, ckpt.lr_lambda(cfg.lr_schedule, cfg.steps, cfg.warmup_steps, 0.1))
+        start = self._maybe_resume(stage, model, opt, sched)
+        bar = progress(cfg.steps, stage, disable=not self.show_progress)
+        bar.update(start)
+        if start == 0:
+            self.logger.log(stage, 0, self.evaluate(model, stage, mode=cfg.mode, log=False).scalars())
+        for step in range(start, cfg.steps):
+            m = self.rl_step(stage, step, model, engine, algo, opt, cfg)
+            if m["batch/updated"]:
+                sched.step()
+            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
+                m.update(self.evaluate(model, stage, mode=cfg.mode, log=False).scalars())
+            self.logger.log(stage, step + 1, m)
+            bar.set_postfix(postfix(m))
+            bar.update(1)
+            if self.cfg.checkpoint_every and (step + 1) % self.cfg.checkpoint_every == 0:
+                ckpt.save_train_state(self.run_dir / f"{stage}.state.pt", model, opt, sched, step + 1, step + 1)
+        bar.close()
+
+    def rl_step(self, stage, step, model, engine, algo, opt, cfg: RLConfig) -> dict[str, float]:
+        problems = self.problems(stage, step, cfg.prompts_per_step)
+        prompts = [self.prompt_ids(p) for p in problems for _ in range(cfg.group_size)]
+        golds = [p.answer for p in problems for _ in range(cfg.group_size)]
+        groups = [i for i in range(len(problems)) for _ in range(cfg.group_size)]
+        params = self.sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens,
+                               seed=self.cfg.seed * 1_000_003 + STAGES.index(stage) * 10_007 + step)
+        model.eval()
+        t0 = time.time()
+        rollouts = engine.generate(prompts, params, mode=cfg.mode)
+        rollout_s = time.time() - t0
+        results = [R.score(cfg.reward, r.graph, gold, truncated=r.truncated) for r, gold in zip(rollouts, golds)]
+        infos = [RolloutInfo(reward=res.reward, group_id=g, length=len(r.token_ids), truncated=r.truncated,
+                             dropped=res.dropped) for res, r, g in zip(results, rollouts, groups)]
+        prep = algo.prepare(infos)
+        valid = [res.valid for res in results]
+        m = {
+            "reward/mean": float(np.mean([res.reward for res in results])),
+            "accuracy/train": float(np.mean([bool(res.correct) for res in results])),
+            "format/valid_rate": float(np.mean(valid)),
+            "format/score_mean": float(np.mean([res.format_score for res in results])),
+            "length/total_tokens": float(np.mean([r.graph.stats.total_tokens for r in rollouts])),
+            "length/critical_path": float(np.mean([r.graph.stats.critical_path_tokens for r in rollouts])),
+            "length/truncated_rate": float(np.mean([r.truncated for r in rollouts])),
+            "perf/rollout_s": rollout_s,
+            "perf/tokens_per_s": sum(len(r.token_ids) for r in rollouts) / max(rollout_s, 1e-9),
+            "batch/kept": float(prep.keep.sum()),
+            **rollout_stats([r.graph for r in rollouts], valid),
+            **{k: float(v) for k, v in prep.metrics.items()},
+        }
+        kept = [r for r, k in zip(rollouts, prep.keep) if k]
+        adv_kept = torch.tensor(prep.advantages[prep.keep], dtype=torch.float32, device=self.device)
+        t1 = time.time()
+        if kept and float(adv_kept.abs().sum()) > 0:
+            model.train()
+            batch = build_batch(kept, device=self.device, train_forced=algo.config.train_forced)
+            n = batch.num_loss_tokens
+            parts, mismatch, ent_sum = [], 0.0, 0.0
+            for update in range(algo.config.updates_per_batch):
+                for mb in batch.split(cfg.micro_batch_size):
+                    lp, ent = token_logprobs(model, mb, temperature=cfg.temperature, return_entropy=True)
+                    if update == 0:  # before any update the trainer and the engine score the same policy
+                        d = (lp.detach() - mb.old_logprobs).abs()[mb.loss_mask]
+                        mismatch = max(mismatch, float(d.max()) if d.numel() else 0.0)
+                        ent_sum += float(ent.detach()[mb.loss_mask].sum())
+                    loss, metrics = algo.loss(lp, mb.old_logprobs, adv_kept[mb.index], mb.loss_mask, num_tokens=n,
+                                              entropy=ent)
+                    loss.backward()
+                    parts.append(metrics)
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            model.eval()
+            from .algorithms import merge_metrics
+
+            m.update(merge_metrics(parts))
+            m["loss/policy"] = float(sum(p.get("loss/policy", 0.0) for p in parts[: len(parts)]))
+            m["policy/grad_norm"] = float(gn)
+            m["policy/logprob_mismatch"] = mismatch
+            m["policy/entropy"] = ent_sum / max(1, n)
+            m["batch/updated"] = 1.0
+        else:  # nothing to learn from (all advantages 0): no optimizer step
+            m.update({"loss/policy": 0.0, "policy/grad_norm": 0.0, "batch/updated": 0.0})
+        m["perf/update_s"] = time.time() - t1
+        return m
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, stage: str, mode: str, log: bool = True) -> EvalResult:
+        """Held-out accuracy (greedy by default) with parallel stats, in the stage's decoding mode."""
+        e = self.cfg.eval
+        engine = self.engine(model)
+        model.eval()
+        problems = self.eval_problems
+        params = self.sampling(e.temperature, e.top_p, 0, e.max_new_tokens, seed=self.cfg.seed + 17)
+        rollouts = engine.generate([self.prompt_ids(p) for p in problems], params, mode=mode)
+        results = [R.score("papo", r.graph, p.answer, truncated=r.truncated) for r, p in zip(rollouts, problems)]
+        valid = [res.valid for res in results]
+        st = rollout_stats([r.graph for r in rollouts], valid)
+        res = EvalResult(
+            accuracy=float(np.mean([bool(x.correct) for x in results])),
+            valid_rate=float(np.mean(valid)),
+            parallel_rate=st["parallel/rate"], branches_mean=st["parallel/branches_mean"],
+            speedup_ideal=st["parallel/speedup_ideal"],
+            total_tokens=float(np.mean([r.graph.stats.total_tokens for r in rollouts])),
+            critical_path=float(np.mean([r.graph.stats.critical_path_tokens for r in rollouts])),
+            n=len(problems),
+        )
+        if log:
+            self.logger.log(stage, 10**6, res.scalars())  # the stage's final eval, after its last step
+            self.logger.text(stage, "samples", "\n\n".join(
+                f"**{p.question}** (gold {p.answer})\n```\n{r.graph.response_text()}\n```"
+                for p, r in list(zip(problems, rollouts))[:4]))
+        if log:
+            print(f"[{stage}] eval ({mode}): accuracy {res.accuracy:.3f}, valid {res.valid_rate:.3f}, "
+                  f"parallel {res.parallel_rate:.3f}, ideal speedup {res.speedup_ideal:.2f} (n={res.n})")
+        return res
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def isfinite(x: float) -> bool:
+    return math.isfinite(x)
