@@ -60,6 +60,7 @@ class SFTConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    checkpoint_every: int = 100  # steps between training-state saves (for --resume)
 
 
 @dataclass
@@ -153,7 +154,7 @@ class TrainConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     stage3: Stage3Config = field(default_factory=Stage3Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint_every: int = 10
+    checkpoint_every: int = 10  # RL steps between training-state saves (for --resume)
     log_every: int = 1
 
     def to_dict(self) -> dict:

@@ -41,6 +41,10 @@ from .policy import Sample, build_batch, sft_loss, token_logprobs
 STAGES = ("stage0", "stage1", "stage2", "stage3")
 
 
+class Interrupted(RuntimeError):
+    """Raised by ``NPRTrainer.stop_after`` (tests and preemption drills): the run stops right after a checkpoint."""
+
+
 @dataclass
 class EvalResult:
     accuracy: float
@@ -80,6 +84,7 @@ class NPRTrainer:
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.show_progress = show_progress
+        self.stop_after: dict[str, int] = {}  # stage -> step: stop there, as if killed right after its checkpoint
         self.setup()
 
     # -- setup ----------------------------------------------------------------------------------------------
@@ -238,10 +243,19 @@ class NPRTrainer:
                 self.logger.log(stage, step, m)
             bar.set_postfix(postfix(m))
             bar.update(1)
-            if self.cfg.checkpoint_every and (step + 1) % (self.cfg.checkpoint_every * 10) == 0:
-                ckpt.save_train_state(self.run_dir / f"{stage}.state.pt", model, opt, sched, step + 1, step + 1)
+            self._checkpoint(stage, step + 1, cfg.checkpoint_every, model, opt, sched)
         bar.close()
         model.eval()
+
+    def _checkpoint(self, stage: str, done: int, every: int, model, opt, sched) -> None:
+        """Save the training state every ``every`` steps (data position = steps done: problems are a function
+        of the step); honour ``stop_after``."""
+        stop = self.stop_after.get(stage) == done
+        if (every and done % every == 0) or stop:
+            ckpt.save_train_state(self.run_dir / f"{stage}.state.pt", model, opt, sched, done, done)
+        if stop:
+            self.logger.flush()
+            raise Interrupted(f"{stage} stopped after step {done} (stop_after)")
 
     def _maybe_resume(self, stage, model, opt, sched) -> int:
         state = self.run_dir / f"{stage}.state.pt"
@@ -281,7 +295,8 @@ class NPRTrainer:
         self._add_tags(model)
         steps = min(cfg.steps, max(1, cfg.epochs_cap * len(samples) // cfg.batch_size))
         sft_cfg = SFTConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
-                            min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+                            min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                            checkpoint_every=cfg.checkpoint_every)
 
         def data(step: int) -> list[Sample]:
             rng = random.Random(self.cfg.seed * 104729 + step)
@@ -371,8 +386,7 @@ class NPRTrainer:
             self.logger.log(stage, step + 1, m)
             bar.set_postfix(postfix(m))
             bar.update(1)
-            if self.cfg.checkpoint_every and (step + 1) % self.cfg.checkpoint_every == 0:
-                ckpt.save_train_state(self.run_dir / f"{stage}.state.pt", model, opt, sched, step + 1, step + 1)
+            self._checkpoint(stage, step + 1, self.cfg.checkpoint_every, model, opt, sched)
         bar.close()
 
     def rl_step(self, stage, step, model, engine, algo, opt, cfg: RLConfig) -> dict[str, float]:

@@ -1,0 +1,387 @@
+"""Multi-process training: torchrun ranks, sharded prompts, global loss normalisation, DDP or FSDP2.
+
+    torchrun --nproc_per_node 8 -m npr_agent.train --config configs/qwen3-4b.toml --strategy fsdp2
+
+What changes with N ranks, and why it stays exact (2 ranks x half batch == 1 rank x full batch):
+
+* **Data.** Each rank takes a contiguous shard of the step's prompts (:meth:`Dist.shard`) and generates its
+  own rollouts; the concatenation over ranks is the single-process batch, in the same order.
+* **Advantages.** Group means and PAPO's batch-level std need the whole batch: :meth:`Dist.prepare` gathers
+  every rank's :class:`~npr_agent.algorithms.RolloutInfo`, runs ``algo.prepare`` on the global list (the same
+  on every rank) and returns this rank's slice.
+* **Loss.** The policy losses divide token sums by Σ|y| of the *global* batch (:meth:`Dist.sum` of the local
+  counts), so each rank's loss is its share of the global one. DDP and FSDP2 *average* gradients over ranks,
+  so each rank back-propagates ``world_size x`` its share (:meth:`Dist.backward`): the averaged gradient is
+  then the gradient of the global loss.
+* **Micro-batches.** Gradients are synchronised once per optimizer step, on the last micro-batch (DDP
+  ``no_sync``, FSDP2 ``set_requires_gradient_sync``). Ranks may hold different numbers of micro-batches; a rank
+  with fewer runs zero-weight "idle" micro-batches so every rank runs the same collectives (FSDP2 gathers
+  weights in every forward). :func:`policy_update` is the whole update.
+* **Metrics.** :meth:`Dist.reduce_metrics` combines every rank's scalars before rank 0 logs them (``loss/*``
+  and counts add up, ``*_max`` and timings take the max, the rest are means weighted by rollouts).
+* **Rollouts under FSDP2.** The native engine needs whole weights: :meth:`Dist.full_weights` unshards every
+  FSDP unit around ``engine.generate`` and reshards after.
+
+Gloo on CPU, NCCL on CUDA. World size 1 (no torchrun) makes every method here a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .algorithms import Prepared, RolloutInfo, merge_metrics
+from .policy import Sample, build_batch, token_logprobs
+
+STRATEGIES = ("ddp", "fsdp2")
+
+
+class ShardedModel(nn.Module):
+    """Holds an FSDP2-sharded HF model as ``.module`` (like DDP), so callers go through the root's forward
+    (its hooks gather the root's weights and schedule gradient reduction) and ``policy`` unwraps it as usual."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside DDP / :class:`ShardedModel` wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def _fsdp_units(model: nn.Module) -> list:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # an old torch without FSDP2
+        return []
+    return [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]
+
+
+@dataclass
+class Dist:
+    """This process's place in the job, and the collectives the trainer needs (no-ops when ``world_size == 1``)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    strategy: str = "ddp"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str = "auto", strategy: str = "ddp", timeout_s: float = 1800.0) -> Dist:
+        """Join the torchrun job described by ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (world 1 without them).
+
+        ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``; each rank takes ``cuda:LOCAL_RANK``.
+        The backend is NCCL on CUDA, gloo on CPU.
+        """
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
+            torch.cuda.set_device(local)
+            dev = torch.device("cuda", local)
+        else:
+            dev = torch.device("cpu")
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        return cls(rank=rank, world_size=world, local_rank=local, device=dev, strategy=strategy)
+
+    def close(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def shard_range(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous part ``[a, b)`` of ``n`` items (sizes differ by at most one)."""
+        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+
+    def shard(self, items: Sequence) -> list:
+        a, b = self.shard_range(len(items))
+        return list(items[a:b])
+
+    # -- collectives ---------------------------------------------------------------------------------------
+    def all_gather_object(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _reduce(self, x: float, op) -> float:
+        if not self.enabled:
+            return x
+        t = torch.tensor([float(x)], dtype=torch.float64, device=self._comm_device())
+        torch.distributed.all_reduce(t, op=op)
+        return t.item()
+
+    def _comm_device(self) -> torch.device:
+        return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+    def sum(self, x: float):
+        """Σ over ranks; ints stay ints."""
+        s = self._reduce(x, torch.distributed.ReduceOp.SUM) if self.enabled else x
+        return int(round(s)) if isinstance(x, int) else s
+
+    def max(self, x: float):
+        m = self._reduce(x, torch.distributed.ReduceOp.MAX) if self.enabled else x
+        return int(round(m)) if isinstance(x, int) else m
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.max(int(bool(flag))))
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    # -- algorithm -----------------------------------------------------------------------------------------
+    def prepare(self, algo, infos: Sequence[RolloutInfo]) -> Prepared:
+        """``algo.prepare`` over the global batch (every rank's rollouts, in rank order); this rank's slice.
+
+        Group ids are rank-local; they are offset per rank so groups never merge across ranks. The returned
+        metrics are the global batch's (the same on every rank).
+        """
+        if not self.enabled:
+            return algo.prepare(infos)
+        parts = self.all_gather_object([(i.reward, i.group_id, i.length, i.truncated, i.dropped) for i in infos])
+        everything: list[RolloutInfo] = []
+        start = 0
+        offset = 0
+        for r, part in enumerate(parts):
+            if r == self.rank:
+                start = len(everything)
+            everything += [RolloutInfo(reward=rw, group_id=g + offset, length=n, truncated=t, dropped=d)
+                           for rw, g, n, t, d in part]
+            offset += max((p[1] for p in part), default=-1) + 1
+        prep = algo.prepare(everything)
+        a, b = start, start + len(infos)
+        return Prepared(prep.rewards[a:b], prep.keep[a:b], prep.advantages[a:b], dict(prep.metrics))
+
+    def reduce_metrics(self, metrics: dict[str, float], weight: float = 1.0) -> dict[str, float]:
+        """Every rank's scalars combined (call on every rank; rank 0 logs the result).
+
+        ``loss/*``, ``tokens``, ``batch/kept`` and ``perf/tokens_per_s`` add up; keys ending in ``_max``,
+        ``policy/logprob_mismatch`` and timings (``perf/*_s``) take the max; everything else is a mean weighted by
+        ``weight`` (the rank's number of rollouts or samples). A key missing on a rank is combined over the
+        others.
+        """
+        if not self.enabled:
+            return dict(metrics)
+        parts = self.all_gather_object((dict(metrics), float(weight)))
+        keys: list[str] = []
+        for m, _ in parts:
+            keys += [k for k in m if k not in keys]
+        out: dict[str, float] = {}
+        for k in keys:
+            vals = [(float(m[k]), w) for m, w in parts if k in m]
+            if k.startswith("loss/") or k in ("tokens", "batch/kept", "perf/tokens_per_s"):
+                out[k] = sum(v for v, _ in vals)
+            elif k.endswith("_max") or k == "policy/logprob_mismatch" or (k.startswith("perf/") and k.endswith("_s")):
+                out[k] = max(v for v, _ in vals)
+            else:
+                tot = sum(w for _, w in vals)
+                out[k] = sum(v * w for v, w in vals) / tot if tot > 0 else sum(v for v, _ in vals) / len(vals)
+        return out
+
+    # -- the model -------------------------------------------------------------------------------------------
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to train: DDP, or FSDP2 (each decoder layer a unit, then the root) for ``strategy="fsdp2"``.
+
+        Call before building the optimizer (FSDP2 replaces the parameters by sharded ones). The native engine
+        and checkpoints keep using the raw module (:func:`unwrap`).
+        """
+        if not self.enabled:
+            return model
+        if self.strategy == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
+            for layer in getattr(getattr(model, "model", None), "layers", None) or []:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return ShardedModel(model)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # buffers (rotary tables) are constants: no per-forward broadcast, so ranks may run different forwards
+        return DDP(model, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                   broadcast_buffers=False)
+
+    @contextmanager
+    def grad_sync(self, model: nn.Module, enabled: bool):
+        """Synchronise gradients in this backward (``enabled``) or only accumulate them locally."""
+        if not self.enabled:
+            yield
+            return
+        units = _fsdp_units(model)
+        if units:  # a persistent flag on every FSDP2 unit (set again before each backward)
+            for u in units:
+                u.set_requires_gradient_sync(enabled, recurse=False)
+            yield
+            return
+        with (nullcontext() if enabled or not hasattr(model, "no_sync") else model.no_sync()):
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate this rank's share of the global loss; x world size because DDP/FSDP2 average."""
+        (loss * self.world_size if self.enabled else loss).backward()
+
+    @contextmanager
+    def full_weights(self, model: nn.Module):
+        """Whole (unsharded) weights inside the block, for the native engine or a save (FSDP2; no-op otherwise)."""
+        units = _fsdp_units(model)
+        for u in units:
+            u.unshard()
+        try:
+            yield
+        finally:
+            for u in units:
+                u.reshard()
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's state dict (HF names) on every rank's CPU; a collective under FSDP2.
+
+        This is what weight sync (``SGLangEngine.load_weights``) and HF saving need.
+        """
+        inner = unwrap(model)
+        if not _fsdp_units(inner):
+            return inner.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+
+    def save_train_state(self, path: str | Path, model, optimizer, scheduler, step: int, data_pos: int,
+                         extra=None) -> None:
+        """Rank 0 writes the state (gathered first under FSDP2); every rank waits for it."""
+        inner = unwrap(model)
+        if _fsdp_units(inner):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            msd, osd = get_state_dict(inner, optimizer,
+                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.is_main:
+                path = Path(path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save({"model": msd, "optimizer": osd,
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                            "rng": ckpt.rng_state(), "step": step, "data_pos": data_pos, "extra": extra or {}}, tmp)
+                os.replace(tmp, path)
+        elif self.is_main:
+            ckpt.save_train_state(path, inner, optimizer, scheduler, step, data_pos, extra)
+        self.barrier()
+
+    def load_train_state(self, path: str | Path, model, optimizer, scheduler) -> dict:
+        """Every rank restores the state rank 0 saved (model, optimizer, scheduler, RNG)."""
+        inner = unwrap(model)
+        if not _fsdp_units(inner):
+            return ckpt.load_train_state(path, inner, optimizer, scheduler)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = torch.load(str(path), map_location="cpu", weights_only=False)
+        set_state_dict(inner, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        return state
+
+
+LOCAL = Dist()  # the single-process default
+
+
+# -- the update --------------------------------------------------------------------------------------------------
+
+def _idle_loss(model: nn.Module, device) -> torch.Tensor:
+    """A zero loss through the whole model (2 tokens): a rank with no micro-batch left still runs the same
+    forward/backward collectives as the others, and adds nothing to the gradient."""
+    from npr_env.layout import Layout
+
+    batch = build_batch([Sample([0], [0], Layout.sequential(2))], device=device)
+    return token_logprobs(model, batch).sum() * 0.0
+
+
+def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tensor, optimizer, *,
+                  micro_batch_size: int, grad_clip: float, temperature: float = 1.0, device=None,
+                  dist: Dist = LOCAL) -> dict[str, float]:
+    """One RL update on this rank's kept rollouts (``advantages[i]`` for ``kept[i]``), exact across ranks.
+
+    Rollouts generated under the orchestrated layout are scored as such (``engine.orchestration.training_sample``).
+    Returns this rank's metrics, ready for :meth:`Dist.reduce_metrics` (``loss/*`` are this rank's shares of
+    the global loss). No optimizer step anywhere when no rank has a nonzero advantage.
+    """
+    from engine.orchestration import training_sample
+
+    samples = [training_sample(r) for r in kept]
+    adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)
+    local = bool(samples) and float(adv.abs().sum()) > 0
+    if not dist.any(local):  # nothing to learn from on any rank: no optimizer step (the same decision everywhere)
+        return {"loss/policy": 0.0, "policy/grad_norm": 0.0, "batch/updated": 0.0}
+    model.train()
+    batch = build_batch(samples, device=device, train_forced=algo.config.train_forced) if samples else None
+    n = dist.sum(batch.num_loss_tokens if batch is not None else 0)  # Σ|y| over the global batch
+    mbs = batch.split(micro_batch_size) if batch is not None else []
+    # FSDP2 gathers weights in every forward: every rank runs as many micro-batches as the busiest one
+    steps = dist.max(len(mbs)) if _fsdp_units(model) else max(len(mbs), 1)
+    parts, mismatch, ent_sum, gn = [], 0.0, 0.0, torch.zeros(())
+    for update in range(algo.config.updates_per_batch):
+        for i in range(steps):
+            with dist.grad_sync(model, enabled=i == steps - 1):
+                if i < len(mbs):
+                    mb = mbs[i]
+                    lp, ent = token_logprobs(model, mb, temperature=temperature, return_entropy=True)
+                    if update == 0:  # before any update the trainer and the engine score the same policy
+                        d = (lp.detach() - mb.old_logprobs).abs()[mb.loss_mask]
+                        mismatch = max(mismatch, float(d.max()) if d.numel() else 0.0)
+                        ent_sum += float(ent.detach()[mb.loss_mask].sum())
+                    loss, metrics = algo.loss(lp, mb.old_logprobs, adv[mb.index], mb.loss_mask, num_tokens=n,
+                                              entropy=ent)
+                    parts.append(metrics)
+                else:
+                    loss = _idle_loss(model, device)
+                dist.backward(loss)
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    m = merge_metrics(parts)
+    m["loss/policy"] = float(sum(p.get("loss/policy", 0.0) for p in parts))
+    m["policy/grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+    m["policy/logprob_mismatch"] = mismatch
+    m["policy/entropy"] = dist.sum(ent_sum) / max(1, n)  # global already: the same on every rank
+    m["batch/updated"] = 1.0
+    return m
