@@ -111,6 +111,7 @@ class Stage2Config(SFTConfig):
 
     num_problems: int = 512
     tries: int = 8  # samples per problem; the first correct and format-perfect one is kept
+    tries_per_round: int = 2  # drawn per open problem per round (problems solved early cost no more samples)
     temperature: float = 1.0
     max_new_tokens: int = 448
     steps: int = 400

@@ -312,32 +312,41 @@ class NPRTrainer:
         npr_env.add_npr_tokens(self.tokenizer, model)
 
     def rejection_sample(self, model, cfg) -> list[tuple[list[int], list[int]]]:
-        """Up to ``tries`` samples per problem; keep the first correct one whose strict format score is 0."""
+        """Up to ``tries`` samples per problem; keep the first correct one whose strict format score is 0.
+
+        Tries are drawn in rounds (``tries_per_round`` per open problem), so a problem solved early costs no
+        more samples; the result is the same as drawing all tries and keeping the first good one.
+        """
         engine = self.engine(model)
         problems = self.problems("stage2", 0, cfg.num_problems)
-        kept, kept_for, n_valid, n_correct = [], set(), 0, 0
+        kept: dict[int, tuple[list[int], list[int]]] = {}
+        n_valid = n_correct = n_drawn = 0
         bar = progress(len(problems), "stage2 rejection sampling", disable=not self.show_progress)
-        chunk = max(1, 64 // cfg.tries)
         t0 = time.time()
-        for i in range(0, len(problems), chunk):
-            ps = problems[i:i + chunk]
-            prompts = [self.prompt_ids(p) for p in ps for _ in range(cfg.tries)]
-            params = self.sampling(cfg.temperature, 1.0, 0, cfg.max_new_tokens, seed=self.cfg.seed * 31 + i)
-            rollouts = engine.generate(prompts, params, mode="sequential")
-            for j, p in enumerate(ps):
-                for r in rollouts[j * cfg.tries:(j + 1) * cfg.tries]:
-                    g = ExecutionGraph.from_token_ids(r.prompt_ids + r.token_ids, self.tokenizer,
-                                                      prompt_len=len(r.prompt_ids), constraints="strict")
-                    res = R.score("papo", g, p.answer, truncated=r.truncated)
-                    n_valid += res.valid
-                    n_correct += bool(res.correct)
-                    if res.valid and res.correct and not r.truncated:
-                        kept.append((list(r.prompt_ids), list(r.token_ids)))
-                        kept_for.add(i + j)
-                        break
-            bar.update(len(ps))
-            bar.set_postfix(kept=len(kept))
+        per_round = max(1, min(cfg.tries, cfg.tries_per_round))
+        for start in range(0, cfg.tries, per_round):
+            k = min(per_round, cfg.tries - start)
+            open_ids = [i for i in range(len(problems)) if i not in kept]
+            for c in range(0, len(open_ids), max(1, 64 // k)):
+                ids = open_ids[c:c + max(1, 64 // k)]
+                prompts = [self.prompt_ids(problems[i]) for i in ids for _ in range(k)]
+                params = self.sampling(cfg.temperature, 1.0, 0, cfg.max_new_tokens,
+                                       seed=self.cfg.seed * 31 + start * 100_003 + c)
+                rollouts = engine.generate(prompts, params, mode="sequential")
+                n_drawn += len(rollouts)
+                for j, i in enumerate(ids):
+                    for r in rollouts[j * k:(j + 1) * k]:
+                        res = R.score("papo", r.graph, problems[i].answer, truncated=r.truncated)
+                        n_valid += res.valid
+                        n_correct += bool(res.correct)
+                        if res.valid and res.correct and not r.truncated:
+                            kept[i] = (list(r.prompt_ids), list(r.token_ids))
+                            bar.update(1)
+                            break
+                bar.set_postfix(kept=len(kept), drawn=n_drawn)
         bar.close()
+        kept_for = set(kept)
+        kept = [kept[i] for i in sorted(kept)]
         sampled = len(kept)
         if cfg.fill_from_solutions and sampled < cfg.min_kept:
             eos = [self.tokenizer.eos_token_id]
@@ -349,8 +358,9 @@ class NPRTrainer:
                     kept.append((self.prompt_ids(p), resp))
             print(f"[stage2] rejection sampling kept {sampled}; added {len(kept) - sampled} worked solutions "
                   f"to reach min_kept={cfg.min_kept}")
-        total = len(problems) * cfg.tries
+        total = max(1, n_drawn)
         self.logger.log("stage2", 0, {"rejection/kept_rate": sampled / max(1, len(problems)),
+                                      "rejection/samples_drawn": n_drawn,
                                       "rejection/from_solutions": len(kept) - sampled,
                                       "rejection/valid_rate": n_valid / total,
                                       "rejection/correct_rate": n_correct / total,
