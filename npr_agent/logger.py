@@ -23,6 +23,7 @@ class RunLogger:
         self._writers: dict[str, SummaryWriter] = {}
         self._writer_cls = SummaryWriter
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.last_step: dict[str, int] = {}
         self.config_json = config_json
         if config_json is not None:
             (self.run_dir / "config.json").write_text(config_json)
@@ -37,6 +38,7 @@ class RunLogger:
 
     def log(self, stage: str, step: int, scalars: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in scalars.items() if v is not None and math.isfinite(float(v))}
+        self.last_step[stage] = max(step, self.last_step.get(stage, step))
         w = self.writer(stage)
         for k, v in clean.items():
             w.add_scalar(k, v, step)
@@ -85,11 +87,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
-SUMMARY_CURVES = (
-    ("reward/mean", "reward"),
-    ("accuracy/eval", "held-out accuracy"),
-    ("parallel/rate", "parallel rate"),
-    ("parallel/speedup_ideal", "ideal speedup"),
+SUMMARY_PANELS = (  # (title, [(key, style label)]): train curves solid, held-out evals dashed with markers
+    ("reward (train rollouts)", [("reward/mean", "train")]),
+    ("accuracy", [("accuracy/train", "train"), ("accuracy/eval", "held-out")]),
+    ("format valid rate", [("format/valid_rate", "train"), ("eval/valid_rate", "held-out")]),
+    ("parallel rate", [("parallel/rate", "train"), ("eval/parallel_rate", "held-out")]),
+    ("ideal speedup (total / critical path)", [("parallel/speedup_ideal", "train"), ("eval/speedup_ideal", "held-out")]),
+    ("loss", [("loss/sft", "sft"), ("loss/policy", "policy")]),
 )
 
 
@@ -105,32 +109,39 @@ def plot_summary(metrics_path: str | Path, out_png: str | Path) -> Path:
     for r in rows:
         if r["stage"] not in stages:
             stages.append(r["stage"])
-    offsets, off = {}, 0
-    for s in stages:
-        offsets[s] = off
-        off += max([r["step"] for r in rows if r["stage"] == s] + [0]) + 1
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    colors = {s: c for s, c in zip(stages, ["#888888", "#1f77b4", "#2ca02c", "#d62728", "#9467bd"])}
-    for ax, (key, title) in zip(axes.flat, SUMMARY_CURVES):
+    # Each stage gets an equal-width segment of the x axis (SFT stages have far more steps than RL ones).
+    span = {s: max([r["step"] for r in rows if r["stage"] == s] + [0]) + 1 for s in stages}
+    offsets = {s: float(i) for i, s in enumerate(stages)}
+
+    def x(r):
+        return offsets[r["stage"]] + r["step"] / span[r["stage"]]
+
+    fig, axes = plt.subplots(3, 2, figsize=(12, 10))
+    colors = dict(zip(stages, ["#888888", "#1f77b4", "#2ca02c", "#d62728", "#9467bd"]))
+    for ax, (title, curves) in zip(axes.flat, SUMMARY_PANELS):
+        for key, label in curves:
+            held = label == "held-out"
+            for s in stages:
+                pts = [(x(r), r[key]) for r in rows if r["stage"] == s and key in r]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, color=colors[s], ls="--" if held else "-", marker="o" if held else None,
+                            ms=4, lw=1.6 if held else 1.0, alpha=1.0 if held else 0.8)
         for s in stages:
-            pts = [(r["step"] + offsets[s], r[key]) for r in rows if r["stage"] == s and key in r]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, color=colors[s], label=s)
-        for s in stages[1:]:
-            ax.axvline(offsets[s] - 0.5, color="#cccccc", lw=0.8, ls="--")
-        ax.set_title(title)
-        ax.set_xlabel("step (stages concatenated)")
+            ax.axvline(offsets[s], color="#cccccc", lw=0.8, ls=":")
+            ax.text(offsets[s] + 0.02, 1.0, f"{s} ({span[s]} steps)", transform=ax.get_xaxis_transform(),
+                    fontsize=7, color=colors[s], va="bottom")
+        ax.set_title(title, pad=12)
+        ax.set_xlabel("stage progress (each stage scaled to the same width)")
+        ax.set_xticks([])
         ax.grid(alpha=0.3)
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=len(labels))
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[s], lw=2, label=s) for s in stages]
+    handles += [Line2D([], [], color="k", lw=1, label="train rollouts / SFT"),
+                Line2D([], [], color="k", ls="--", marker="o", label="held-out eval")]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles))
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

@@ -488,7 +488,7 @@ class NPRTrainer:
             n=len(problems),
         )
         if log:
-            self.logger.log(stage, 10**6, res.scalars())  # the stage's final eval, after its last step
+            self.logger.log(stage, self.logger.last_step.get(stage, 0), res.scalars())  # at the stage's last step
             self.logger.text(stage, "samples", "\n\n".join(
                 f"**{p.question}** (gold {p.answer})\n```\n{r.graph.response_text()}\n```"
                 for p, r in list(zip(problems, rollouts))[:4]))
