@@ -1,0 +1,231 @@
+"""Model runner: an HF causal LM's own weights, applied in our attention over the paged KV cache.
+
+The runner does not call the HF model's forward. It reads the live module's parameters (embedding, per layer
+``input_layernorm``, ``q/k/v/o_proj``, ``q_norm/k_norm`` when present (Qwen3), ``post_attention_layernorm``,
+the gated MLP, the final norm and ``lm_head``), and the module's own ``rotary_emb`` for cos/sin, and applies
+them with the same arithmetic as HF: RMSNorm in fp32, RoPE by ``rotate_half``, softmax attention with scale
+``head_dim ** -0.5``. Keys are written to the cache already rotated, at the positions the graph gave.
+
+Because it holds references to the module's parameter tensors (re-read by :meth:`ModelRunner.bind` at every
+``generate``), a trainer that updates the module in place (optimizer steps, ``load_state_dict``) is seen by
+the next rollout without any copy.
+
+One call (:meth:`ModelRunner.forward`) runs ``B`` rows of ``Q`` new tokens each (decode: ``Q == 1``; prefill
+or forced chunks: ``Q > 1``, right-padded). Each row's keys are a gather of its block table's slots
+(``key_index [B, Lk]``), with an additive float bias for padding and causality. GQA is handled by folding the
+query heads of one KV group into the query-length axis, so K/V are never repeated.
+
+Supported families: Qwen3, Qwen2 and Llama (full attention; sliding windows are refused, not ignored).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """HF's RMSNorm (Qwen3/Qwen2/Llama): normalise in fp32, cast back, then scale (one fused op in fp32)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    h = x.to(torch.float32)
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return h if weight is None else weight * h
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _bias(linear):
+    return linear.bias if getattr(linear, "bias", None) is not None else None
+
+
+class _Layer:
+    """References to one decoder layer's parameters (fused copies where the runner fuses)."""
+
+    __slots__ = ("ln1", "e1", "q", "k", "v", "qkv", "qkv_b", "q_b", "k_b", "v_b", "o", "o_b", "qk_norm", "qk_eps",
+                 "q_norm", "k_norm", "q_eps", "k_eps", "ln2", "e2", "gate", "up", "gu", "gu_b", "gate_b", "up_b",
+                 "down", "down_b", "act")
+
+
+class ModelRunner:
+    """Applies an HF Qwen3/Qwen2/Llama ``*ForCausalLM`` module over a :class:`~engine.kv_cache.BlockPool`.
+
+    ``fuse`` (default: on CPU only) concatenates q/k/v and gate/up weights into single matrices, which cuts
+    the number of kernels per layer. The fused copies are rebuilt by :meth:`bind` whenever a source parameter
+    changed (its version counter moves on every in-place update), so in-place training updates are still
+    picked up at the next ``generate``; they cost one extra copy of those weights in memory.
+    """
+
+    def __init__(self, model: torch.nn.Module, fuse: bool | None = None):
+        cfg = model.config
+        model_type = getattr(cfg, "model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"NPREngine supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+        layer_types = getattr(cfg, "layer_types", None) or []
+        if getattr(cfg, "use_sliding_window", False) and "sliding_attention" in layer_types:
+            raise NotImplementedError("sliding-window attention layers are not supported by the NPR engine")
+        self.model = model
+        self.config = cfg
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.group = self.num_heads // self.kv_heads
+        self.fuse = (model.model.embed_tokens.weight.device.type == "cpu") if fuse is None else fuse
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        # position-independent rotary types: cos/sin are read from a table built by the module itself
+        self._rope_table_ok = rope.get("rope_type", rope.get("type", "default")) in (
+            "default", "linear", "llama3", "yarn")
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._versions: tuple = ()
+        self.bind()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def bind(self) -> None:
+        """(Re)read the live module's parameters; called at the start of every generate.
+
+        Plain references cost nothing; fused copies are rebuilt only if a parameter changed since the last bind.
+        """
+        base = self.model.model
+        versions = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if versions == self._versions:
+            return
+        self._versions = versions
+        self._rope_table = None
+        self.embed = base.embed_tokens.weight
+        self.rotary = base.rotary_emb
+        cat = torch.cat
+        layers = []
+        for layer in base.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            L = _Layer()
+            L.ln1, L.e1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+            L.ln2, L.e2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+            L.q, L.k, L.v = att.q_proj.weight, att.k_proj.weight, att.v_proj.weight
+            L.q_b, L.k_b, L.v_b = _bias(att.q_proj), _bias(att.k_proj), _bias(att.v_proj)
+            L.o, L.o_b = att.o_proj.weight, _bias(att.o_proj)
+            L.gate, L.up, L.down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+            L.gate_b, L.up_b, L.down_b = _bias(mlp.gate_proj), _bias(mlp.up_proj), _bias(mlp.down_proj)
+            L.act = F.silu if getattr(self.config, "hidden_act", "silu") == "silu" else mlp.act_fn
+            qn, kn = getattr(att, "q_norm", None), getattr(att, "k_norm", None)
+            L.q_norm = qn.weight if qn is not None else None
+            L.k_norm = kn.weight if kn is not None else None
+            L.q_eps = qn.variance_epsilon if qn is not None else 0.0
+            L.k_eps = kn.variance_epsilon if kn is not None else 0.0
+            L.qkv = L.qkv_b = L.gu = L.gu_b = L.qk_norm = None
+            if self.fuse:
+                with torch.no_grad():
+                    L.qkv = cat([L.q, L.k, L.v]).detach()
+                    if L.q_b is not None or L.k_b is not None or L.v_b is not None:
+                        L.qkv_b = cat([b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+                                       for b, w in ((L.q_b, L.q), (L.k_b, L.k), (L.v_b, L.v))]).detach()
+                    L.gu = cat([L.gate, L.up]).detach()
+                    if L.gate_b is not None or L.up_b is not None:
+                        L.gu_b = cat([b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+                                      for b, w in ((L.gate_b, L.gate), (L.up_b, L.up))]).detach()
+                    if L.q_norm is not None and L.k_norm is not None and L.q_eps == L.k_eps:
+                        L.qk_norm = cat([L.q_norm.expand(self.num_heads, -1),
+                                         L.k_norm.expand(self.kv_heads, -1)]).detach()
+                        L.qk_eps = L.q_eps
+            layers.append(L)
+        self.layers = layers
+        self.scale = float(getattr(base.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
+        self.norm_w, self.norm_eps = base.norm.weight, base.norm.variance_epsilon
+        head = self.model.get_output_embeddings()
+        self.head_w, self.head_b = head.weight, _bias(head)
+
+    def rotary_cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[B, Q, D]`` for the positions, from the model's own rotary module (or its cached table)."""
+        if not self._rope_table_ok:
+            return self.rotary(x, positions)
+        need = int(positions.max()) + 1
+        t = self._rope_table
+        if t is None or t[0].shape[0] < need:
+            n = max(need, 2 * (t[0].shape[0] if t is not None else 1024))
+            cos, sin = self.rotary(x, torch.arange(n, device=x.device)[None])
+            t = self._rope_table = (cos[0], sin[0])
+        return F.embedding(positions, t[0]), F.embedding(positions, t[1])
+
+    @torch.inference_mode()
+    def forward(self, pool, input_ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+                key_index: torch.Tensor, attn_bias: torch.Tensor | None,
+                out_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ``B`` rows of ``Q`` new tokens; return logits ``[B, V]`` at query ``out_index[b]`` (default: last).
+
+        input_ids, positions: ``[B, Q]``. write_slots: ``[B * Q]`` flat cache slots for the new tokens
+        (padding writes to the pool's scratch slot). key_index: ``[B, Lk]`` slots each row attends to, the
+        new tokens included. attn_bias: ``[B, 1, Q, Lk]`` additive float (0 / -inf), or None when no row
+        needs masking (decode rows of equal length).
+        """
+        B, Q = input_ids.shape
+        H, KV, D, g = self.num_heads, self.kv_heads, self.head_dim, self.group
+        Lk = key_index.shape[1]
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary_cos_sin(x, positions)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, Q, 1, D]: broadcast over heads
+        if attn_bias is not None and Q > 1 and g > 1:  # query row q*g + j is head j of query q
+            attn_bias = attn_bias.repeat_interleave(g, dim=2)
+        flat_keys = key_index.reshape(-1)
+        hidden = x.shape[-1]
+        for i, L in enumerate(self.layers):
+            h = _rms(x, L.ln1, L.e1)
+            if L.qkv is not None:
+                qkv = F.linear(h, L.qkv, L.qkv_b).view(B, Q, H + 2 * KV, D)
+                qk, v = qkv[:, :, :H + KV], qkv[:, :, H + KV:]
+                if L.qk_norm is not None:
+                    qk = _rms(qk, None, L.qk_eps) * L.qk_norm
+                elif L.q_norm is not None:
+                    qk = torch.cat([_rms(qk[:, :, :H], L.q_norm, L.q_eps), _rms(qk[:, :, H:], L.k_norm, L.k_eps)], 2)
+                qk = _rope(qk, cos, sin)
+                q, k = qk[:, :, :H], qk[:, :, H:]
+            else:
+                q = F.linear(h, L.q, L.q_b).view(B, Q, H, D)
+                k = F.linear(h, L.k, L.k_b).view(B, Q, KV, D)
+                v = F.linear(h, L.v, L.v_b).view(B, Q, KV, D)
+                if L.q_norm is not None:
+                    q, k = _rms(q, L.q_norm, L.q_eps), _rms(k, L.k_norm, L.k_eps)
+                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            kf, vf = pool.k_flat[i], pool.v_flat[i]
+            kf.index_copy_(0, write_slots, k.flatten(0, 1))
+            vf.index_copy_(0, write_slots, v.flatten(0, 1))
+            keys = kf.index_select(0, flat_keys).view(B, Lk, KV, D).transpose(1, 2)  # [B, KV, Lk, D]
+            vals = vf.index_select(0, flat_keys).view(B, Lk, KV, D).transpose(1, 2)
+            qg = q.reshape(B, Q, KV, g, D).permute(0, 2, 1, 3, 4).reshape(B, KV, Q * g, D)
+            o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=attn_bias, scale=self.scale)
+            o = o.view(B, KV, Q, g, D).permute(0, 2, 1, 3, 4).reshape(B * Q, H * D)
+            # residual adds fused into the projections' GEMMs (x + o @ W^T)
+            x = torch.addmm(x.view(B * Q, hidden), o, L.o.t())
+            if L.o_b is not None:
+                x = x + L.o_b
+            h = _rms(x, L.ln2, L.e2)
+            if L.gu is not None:
+                gu = F.linear(h, L.gu, L.gu_b)
+                inter = gu.shape[-1] // 2
+                a = L.act(gu[:, :inter]) * gu[:, inter:]
+            else:
+                a = L.act(F.linear(h, L.gate, L.gate_b)) * F.linear(h, L.up, L.up_b)
+            x = torch.addmm(x, a, L.down.t())
+            if L.down_b is not None:
+                x = x + L.down_b
+            x = x.view(B, Q, hidden)
+        if Q == 1:
+            x = x[:, 0]
+        elif out_index is None:
+            x = x[:, -1]
+        else:
+            x = x[torch.arange(B, device=x.device), out_index]
+        x = _rms(x, self.norm_w, self.norm_eps)
+        return F.linear(x, self.head_w, self.head_b)

@@ -1,0 +1,117 @@
+"""Sampling parameters and the batched sampler: penalties, processors, temperature, top-k, top-p, logprobs.
+
+Order of operations for one decode step (all rows at once, except the per-branch processors):
+
+1. ``logprobs`` of the chosen tokens are the **policy's**: ``log_softmax(model_logits / temperature)`` of the
+   model's own logits, before penalties, processors, top-k and top-p. With ``temperature == 0`` (greedy) they
+   are taken at temperature 1. The trainer recomputes exactly these.
+2. The logits used for *choosing* are the model's, then the repetition penalty (HF rule: divide positive
+   logits, multiply negative ones, for every token the branch can already see), then each
+   ``logits_processor(context_ids, logits_row)``, then temperature, top-k and top-p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+LogitsProcessor = Callable[[list, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. ``max_new_tokens`` bounds the critical path of a rollout (the longest chain of tokens
+    that must be decoded one after another); ``max_total_tokens`` bounds the sum over all branches and
+    defaults to ``4 * max_new_tokens``. In sequential mode the two coincide.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    max_total_tokens: int | None = None
+    seed: int | None = None
+    logits_processors: Sequence[LogitsProcessor] = ()
+    step_repetition_penalty: float = 1.02  # inside <step> ... </step>
+    repetition_penalty: float = 1.0  # everywhere else
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False  # never choose EOS (benchmarks with a fixed output length)
+    n: int = 1  # samples per prompt; they share the prompt's KV blocks
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.max_new_tokens < 1 or self.n < 1:
+            raise ValueError("top_k must be >= 0, max_new_tokens >= 1 and n >= 1")
+        if self.step_repetition_penalty <= 0 or self.repetition_penalty <= 0:
+            raise ValueError("repetition penalties must be > 0")
+
+    @property
+    def total_budget(self) -> int:
+        return self.max_total_tokens if self.max_total_tokens is not None else 4 * self.max_new_tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def uses_penalty(self) -> bool:
+        return self.step_repetition_penalty != 1.0 or self.repetition_penalty != 1.0
+
+
+def policy_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / T)[token]`` per row, in fp32; T = 1 when greedy."""
+    x = logits.float()
+    if temperature not in (0.0, 1.0):
+        x = x / temperature
+    return x.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """HF's rule on the rows of ``logits`` [B, V]: ``seen`` [B, V] bool, ``penalty`` [B] (1.0 = off)."""
+    p = penalty[:, None].to(logits.dtype)
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) everything outside the top-k and outside the smallest set with mass >= top_p."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, generators: list | None,
+           groups: list[tuple[int, int]] | None) -> torch.Tensor:
+    """Pick one token per row of already-processed ``logits`` [B, V] (greedy, or sampled).
+
+    ``groups`` are ``(start, end)`` row ranges sharing ``generators[i]`` (one torch.Generator per request,
+    so a request's draws do not depend on the other requests in the batch's RNG use).
+    """
+    if params.greedy:
+        return logits.argmax(-1)
+    x = logits.float()
+    if params.temperature != 1.0:
+        x = x / params.temperature
+    x = top_k_top_p(x, params.top_k, params.top_p)
+    probs = x.softmax(-1)
+    bad = ~torch.isfinite(probs).all(-1) | (probs.sum(-1) <= 0)
+    if bool(bad.any()):
+        raise ValueError("a logits processor or penalty left a row with no finite logit to sample from")
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(1)
+    out = torch.empty(len(x), dtype=torch.long, device=x.device)
+    for (a, b), g in zip(groups, generators):
+        out[a:b] = torch.multinomial(probs[a:b], 1, generator=g).squeeze(1)
+    return out
