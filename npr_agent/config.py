@@ -67,7 +67,7 @@ class SFTConfig:
 class Stage0Config(SFTConfig):
     """The tiny preset's seed model: SFT from scratch on worked solutions, mostly sequential."""
 
-    steps: int = 1500
+    steps: int = 700
     parallel_fraction: float = 0.2
 
 
@@ -99,7 +99,7 @@ class Stage1Config(RLConfig):
 
     algorithm: str = "dapo"
     steps: int = 20
-    lr: float = 3e-4
+    lr: float = 5e-5
     mode: str = "sequential"
     constraints: str = "relaxed"
     reward: str = "stage1"
@@ -109,7 +109,7 @@ class Stage1Config(RLConfig):
 class Stage2Config(SFTConfig):
     """NPR-Beta: rejection sampling from the stage-1 model, then parallel SFT from the seed model."""
 
-    num_problems: int = 512
+    num_problems: int = 256
     tries: int = 8  # samples per problem; the first correct and format-perfect one is kept
     tries_per_round: int = 2  # drawn per open problem per round (problems solved early cost no more samples)
     temperature: float = 1.0
@@ -128,8 +128,8 @@ class Stage3Config(RLConfig):
     """NPR: PAPO with the engine in parallel mode."""
 
     algorithm: str = "papo"
-    steps: int = 40
-    lr: float = 1e-4
+    steps: int = 30
+    lr: float = 2e-5
 
 
 @dataclass
