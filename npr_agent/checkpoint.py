@@ -63,8 +63,16 @@ def build_model(cfg: ModelConfig, tokenizer, device: torch.device, seed: int = 0
         qcfg._attn_implementation = "sdpa"
         model = Qwen3ForCausalLM(qcfg).to(dtype)
     else:
+        from transformers import AutoTokenizer
+
         model = load_pretrained(cfg.path, dtype)
-        npr_env.add_npr_tokens(tokenizer, model)
+        # The run's tokenizer already has the tags; add them again to the checkpoint's own tokenizer so that
+        # tags new to this model get their mean-of-sub-token embedding rows (a no-op for NPR checkpoints).
+        raw = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+        ids = npr_env.add_npr_tokens(raw, model)
+        want = [tokenizer.convert_tokens_to_ids(t) for t in npr_env.TAGS]
+        if ids != want:
+            raise ValueError(f"{cfg.path}: tag ids {ids} differ from the run tokenizer's {want}")
     return model.to(device)
 
 

@@ -78,12 +78,14 @@ def build_prompt(problem: str, instruction: bool = True) -> str:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, with nested braces; None if absent.
+    """Content of the last ``\\boxed{...}`` (``\\fbox``, ``\\framebox``) in ``text``, nested braces included.
+
+    None if absent.
 
     Linear time and never raises: an unbalanced last box falls back to the one before it.
     """
     best = None
-    for macro in ("\\boxed", "\\fbox"):
+    for macro in ("\\boxed", "\\fbox", "\\framebox"):
         start = text.rfind(macro)
         while start >= 0:
             i = start + len(macro)

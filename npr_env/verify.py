@@ -137,6 +137,10 @@ def fast_verdict(pred: str, gold: str) -> bool | None:
         if _as_number(p) is not None and not re.search(r",\s", pred):
             return False
         return None
+    # AoPS writes AIME answers as \textbf{(073)}: a lone number in parentheses is that number.
+    inner = re.fullmatch(r"\(([^(),]+)\)", p)
+    if inner and _as_number(inner.group(1)) is not None:
+        p = inner.group(1)
     # "1,000" is a thousands separator, "92, 102" is a list: decide on the raw text, before spaces are dropped.
     a = None if re.search(r",\s", pred) else _as_number(p)
     b = None if re.search(r",\s", gold) else _as_number(g)
