@@ -63,6 +63,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards this model's parameters (its state dicts are then sharded DTensors)."""
+    return bool(_fsdp_units(model))
+
+
 def _fsdp_units(model: nn.Module) -> list:
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -80,6 +85,7 @@ class Dist:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     strategy: str = "ddp"
+    param_dtype: str | None = None  # FSDP2 mixed precision: compute in this dtype, keep sharded master weights
 
     @property
     def enabled(self) -> bool:
@@ -90,14 +96,18 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: str = "auto", strategy: str = "ddp", timeout_s: float = 1800.0) -> Dist:
+    def from_env(cls, device: str = "auto", strategy: str = "ddp", param_dtype: str | None = None,
+                 timeout_s: float = 1800.0) -> Dist:
         """Join the torchrun job described by ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (world 1 without them).
 
         ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``; each rank takes ``cuda:LOCAL_RANK``.
-        The backend is NCCL on CUDA, gloo on CPU.
+        The backend is NCCL on CUDA, gloo on CPU. ``param_dtype`` (FSDP2 only): ``bfloat16`` or ``float16``
+        compute over the model's own (e.g. float32) master weights, gradients reduced in float32.
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if param_dtype is not None and (strategy != "fsdp2" or param_dtype not in ("bfloat16", "float16")):
+            raise ValueError(f"param_dtype={param_dtype!r} needs strategy 'fsdp2' and 'bfloat16' or 'float16'")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -111,7 +121,8 @@ class Dist:
             dev = torch.device("cpu")
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-        return cls(rank=rank, world_size=world, local_rank=local, device=dev, strategy=strategy)
+        return cls(rank=rank, world_size=world, local_rank=local, device=dev, strategy=strategy,
+                   param_dtype=param_dtype)
 
     def close(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
@@ -228,12 +239,15 @@ class Dist:
             return model
         if self.strategy == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mesh = init_device_mesh(self.device.type, (self.world_size,))
+            mp = MixedPrecisionPolicy()
+            if self.param_dtype:  # low-precision compute; the sharded parameters stay the optimizer's master copy
+                mp = MixedPrecisionPolicy(param_dtype=getattr(torch, self.param_dtype), reduce_dtype=torch.float32)
             for layer in getattr(getattr(model, "model", None), "layers", None) or []:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+                fully_shard(layer, mesh=mesh, mp_policy=mp)
+            fully_shard(model, mesh=mesh, mp_policy=mp)
             return ShardedModel(model)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -272,17 +286,17 @@ class Dist:
             for u in units:
                 u.reshard()
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The whole model's state dict (HF names) on every rank's CPU; a collective under FSDP2.
-
-        This is what weight sync (``SGLangEngine.load_weights``) and HF saving need.
+    def full_state_dict(self, model: nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+        """The whole model's state dict (HF names): what HF saving and weight sync (``SGLangEngine.load_weights``)
+        need. Under FSDP2 it is a collective (call it on every rank) and, with ``rank0_only``, only rank 0 gets
+        the tensors (on CPU; the others get ``{}``); otherwise every rank gets them on its device.
         """
         inner = unwrap(model)
         if not _fsdp_units(inner):
             return inner.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
 
     def save_train_state(self, path: str | Path, model, optimizer, scheduler, step: int, data_pos: int,
                          extra=None) -> None:
@@ -353,6 +367,11 @@ def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tens
         return {"loss/policy": 0.0, "policy/grad_norm": 0.0, "batch/updated": 0.0}
     model.train()
     batch = build_batch(samples, device=device, train_forced=algo.config.train_forced) if samples else None
+    for i, s in enumerate(samples):  # orchestrated rollouts: their context-only rows are never trained
+        scored = getattr(s, "scored", None)
+        if scored is not None and bool(batch.loss_mask[i, :len(scored)][~torch.as_tensor(scored)].any()):
+            raise ValueError("an orchestrated rollout's context-only rows would enter the loss (train_forced=True); "
+                             "build_batch must honour ScoredSample.scored")
     n = dist.sum(batch.num_loss_tokens if batch is not None else 0)  # Σ|y| over the global batch
     mbs = batch.split(micro_batch_size) if batch is not None else []
     # FSDP2 gathers weights in every forward: every rank runs as many micro-batches as the busiest one

@@ -171,6 +171,9 @@ def build_batch(samples: Sequence, device=None, train_forced: bool = False,
         input_ids[b, :n] = ids[b]
         predictor[b, :n] = predictor_indices(layouts[b])
         response[b, p:n] = True
+        scored = getattr(s, "scored", None)  # orchestrated rollouts: context-only rows are never scored
+        if scored is not None:
+            response[b, :n] &= np.asarray(scored, dtype=bool)
         if getattr(s, "forced_mask", None) is not None:
             forced[b, p:n] = np.asarray(s.forced_mask, dtype=bool)
         if getattr(s, "logprobs", None) is not None:

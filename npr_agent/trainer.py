@@ -35,8 +35,9 @@ from npr_env.tasks import Problem
 from . import checkpoint as ckpt
 from .algorithms import RolloutInfo, make_algorithm
 from .config import RLConfig, SFTConfig, TrainConfig
+from .distributed import LOCAL, Dist, policy_update, unwrap
 from .logger import RunLogger, plot_summary, postfix, progress
-from .policy import Sample, build_batch, sft_loss, token_logprobs
+from .policy import Sample, build_batch, sft_loss
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
 
@@ -79,7 +80,9 @@ def rollout_stats(graphs: list[ExecutionGraph], valid: list[bool]) -> dict[str, 
 class NPRTrainer:
     """Runs the stages of one training run in ``run_dir``."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
+                 dist: Dist = LOCAL):
+        self.dist = dist  # torchrun ranks (npr_agent.distributed); world size 1 by default
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
@@ -219,6 +222,7 @@ class NPRTrainer:
 
     # -- SFT (stages 0 and 2) -------------------------------------------------------------------------------
     def sft(self, stage: str, model, data, cfg: SFTConfig) -> None:
+        model = self.dist.wrap(model)  # DDP / FSDP2 (identity in one process)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         warm = int(cfg.warmup_ratio * cfg.steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, ckpt.lr_lambda("cosine", cfg.steps, warm, cfg.min_lr_ratio))
@@ -228,10 +232,10 @@ class NPRTrainer:
         bar.update(start)
         for step in range(start, cfg.steps):
             t0 = time.time()
-            batch = build_batch(data(step), device=self.device, train_forced=True)
+            batch = build_batch(self.dist.shard(data(step)), device=self.device, train_forced=True)
             n = batch.num_loss_tokens
-            loss = sft_loss(model, batch, num_tokens=n)
-            loss.backward()
+            loss = sft_loss(model, batch, num_tokens=self.dist.sum(n))  # Σ|y| over the global batch
+            self.dist.backward(loss)  # x world size: DDP / FSDP2 average gradients
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -239,6 +243,7 @@ class NPRTrainer:
             dt = time.time() - t0
             m = {"loss/sft": loss.item(), "policy/grad_norm": float(gn), "charts/lr": sched.get_last_lr()[0],
                  "perf/tokens_per_s": n / max(dt, 1e-9)}
+            m = self.dist.reduce_metrics(m, weight=batch.batch_size)
             if step % self.cfg.log_every == 0 or step == cfg.steps - 1:
                 self.logger.log(stage, step, m)
             bar.set_postfix(postfix(m))
@@ -252,7 +257,7 @@ class NPRTrainer:
         of the step); honour ``stop_after``."""
         stop = self.stop_after.get(stage) == done
         if (every and done % every == 0) or stop:
-            ckpt.save_train_state(self.run_dir / f"{stage}.state.pt", model, opt, sched, done, done)
+            self.dist.save_train_state(self.run_dir / f"{stage}.state.pt", model, opt, sched, done, done)
         if stop:
             self.logger.flush()
             raise Interrupted(f"{stage} stopped after step {done} (stop_after)")
@@ -260,7 +265,7 @@ class NPRTrainer:
     def _maybe_resume(self, stage, model, opt, sched) -> int:
         state = self.run_dir / f"{stage}.state.pt"
         if self.resume and state.exists():
-            s = ckpt.load_train_state(state, model, opt, sched)
+            s = self.dist.load_train_state(state, model, opt, sched)
             print(f"[{stage}] resumed at step {s['step']} from {state}")
             return int(s["step"])
         return 0
@@ -278,9 +283,11 @@ class NPRTrainer:
         data_path = self.run_dir / "stage2_data.jsonl"
         if not (self.resume and data_path.exists()):
             kept = self.rejection_sample(self.load_stage("stage1"), cfg)
-            with data_path.open("w") as f:
-                for prompt, resp in kept:
-                    f.write(json.dumps({"prompt_ids": prompt, "response_ids": resp}) + "\n")
+            if self.dist.is_main:  # every rank sampled the same; one writes
+                with data_path.open("w") as f:
+                    for prompt, resp in kept:
+                        f.write(json.dumps({"prompt_ids": prompt, "response_ids": resp}) + "\n")
+        self.dist.barrier()
         rows = [json.loads(line) for line in data_path.read_text().splitlines() if line.strip()]
         if not rows:
             raise RuntimeError("stage2: rejection sampling kept no trajectory (no correct, format-perfect sample); "
@@ -378,7 +385,9 @@ class NPRTrainer:
     # -- RL (stages 1 and 3) ---------------------------------------------------------------------------------
     def rl(self, stage: str, model, cfg: RLConfig) -> None:
         algo = make_algorithm(cfg.algorithm, dict(cfg.algorithm_args), temperature=cfg.temperature)
-        engine = self.engine(model)
+        model = self.dist.wrap(model)  # DDP / FSDP2 for the update (identity in one process)
+        with self.dist.full_weights(model):  # FSDP2: the engine binds whole weights, in the compute dtype
+            engine = self.engine(unwrap(model))
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, ckpt.lr_lambda(cfg.lr_schedule, cfg.steps, cfg.warmup_steps, 0.1))
@@ -400,20 +409,22 @@ class NPRTrainer:
         bar.close()
 
     def rl_step(self, stage, step, model, engine, algo, opt, cfg: RLConfig) -> dict[str, float]:
-        problems = self.problems(stage, step, cfg.prompts_per_step)
+        problems = self.dist.shard(self.problems(stage, step, cfg.prompts_per_step))  # this rank's prompts
         prompts = [self.prompt_ids(p) for p in problems for _ in range(cfg.group_size)]
         golds = [p.answer for p in problems for _ in range(cfg.group_size)]
         groups = [i for i in range(len(problems)) for _ in range(cfg.group_size)]
         params = self.sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens,
-                               seed=self.cfg.seed * 1_000_003 + STAGES.index(stage) * 10_007 + step)
+                               seed=self.cfg.seed * 1_000_003 + STAGES.index(stage) * 10_007 + step
+                               + self.dist.shard_range(cfg.prompts_per_step)[0] * cfg.group_size)
         model.eval()
         t0 = time.time()
-        rollouts = engine.generate(prompts, params, mode=cfg.mode)
+        with self.dist.full_weights(model):  # FSDP2: whole weights for the engine
+            rollouts = engine.generate(prompts, params, mode=cfg.mode)
         rollout_s = time.time() - t0
         results = [R.score(cfg.reward, r.graph, gold, truncated=r.truncated) for r, gold in zip(rollouts, golds)]
         infos = [RolloutInfo(reward=res.reward, group_id=g, length=len(r.token_ids), truncated=r.truncated,
                              dropped=res.dropped) for res, r, g in zip(results, rollouts, groups)]
-        prep = algo.prepare(infos)
+        prep = self.dist.prepare(algo, infos)  # advantages over the global batch; this rank's slice
         valid = [res.valid for res in results]
         m = {
             "reward/mean": float(np.mean([res.reward for res in results])),
@@ -432,38 +443,11 @@ class NPRTrainer:
         kept = [r for r, k in zip(rollouts, prep.keep) if k]
         adv_kept = torch.tensor(prep.advantages[prep.keep], dtype=torch.float32, device=self.device)
         t1 = time.time()
-        if kept and float(adv_kept.abs().sum()) > 0:
-            model.train()
-            batch = build_batch(kept, device=self.device, train_forced=algo.config.train_forced)
-            n = batch.num_loss_tokens
-            parts, mismatch, ent_sum = [], 0.0, 0.0
-            for update in range(algo.config.updates_per_batch):
-                for mb in batch.split(cfg.micro_batch_size):
-                    lp, ent = token_logprobs(model, mb, temperature=cfg.temperature, return_entropy=True)
-                    if update == 0:  # before any update the trainer and the engine score the same policy
-                        d = (lp.detach() - mb.old_logprobs).abs()[mb.loss_mask]
-                        mismatch = max(mismatch, float(d.max()) if d.numel() else 0.0)
-                        ent_sum += float(ent.detach()[mb.loss_mask].sum())
-                    loss, metrics = algo.loss(lp, mb.old_logprobs, adv_kept[mb.index], mb.loss_mask, num_tokens=n,
-                                              entropy=ent)
-                    loss.backward()
-                    parts.append(metrics)
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            model.eval()
-            from .algorithms import merge_metrics
-
-            m.update(merge_metrics(parts))
-            m["loss/policy"] = float(sum(p.get("loss/policy", 0.0) for p in parts[: len(parts)]))
-            m["policy/grad_norm"] = float(gn)
-            m["policy/logprob_mismatch"] = mismatch
-            m["policy/entropy"] = ent_sum / max(1, n)
-            m["batch/updated"] = 1.0
-        else:  # nothing to learn from (all advantages 0): no optimizer step
-            m.update({"loss/policy": 0.0, "policy/grad_norm": 0.0, "batch/updated": 0.0})
+        m.update(policy_update(model, algo, kept, adv_kept, opt, micro_batch_size=cfg.micro_batch_size,
+                               grad_clip=cfg.grad_clip, temperature=cfg.temperature, device=self.device,
+                               dist=self.dist))
         m["perf/update_s"] = time.time() - t1
-        return m
+        return self.dist.reduce_metrics(m, weight=len(rollouts))
 
     # -- evaluation ------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -20,6 +20,10 @@ Layout (the one place it is computed; the engine, the env and the trainer all us
   guideline (steps start after it), whitespace after ``</step>`` is part of that step (its siblings never
   see it).
 
+Layout kinds: ``"parallel"`` (the rule above, what the native engine decodes with), ``"sequential"`` (plain
+causal, blocks decoded one step after another) and ``"orchestrated"`` (what a stock causal server produces
+when fork/join is orchestrated as separate requests: see :meth:`ExecutionGraph.scoring_view`).
+
 Verdicts. The parser never raises on model output: every token sequence gives the same violations twice.
 """
 
@@ -52,6 +56,8 @@ from .schema import (
 # Token kinds (what segment a token belongs to), for rendering and the env observation.
 KIND_PROMPT, KIND_TEXT, KIND_GUIDELINE, KIND_PLAN, KIND_STEP, KIND_TAKEAWAY, KIND_EOS = range(7)
 KIND_NAMES = ("prompt", "text", "guideline", "plan", "step", "takeaway", "eos")
+
+LAYOUT_KINDS = ("parallel", "sequential", "orchestrated")
 
 # Parser modes of a trace.
 M_TEXT, M_GUIDELINE, M_PLAN, M_STEPS, M_POST_STEPS, M_TAKEAWAY, M_STEP_OPEN, M_STEP_DONE = range(8)
@@ -179,6 +185,16 @@ class GraphStats:
                 "is_parallel": self.is_parallel}
 
 
+@dataclass
+class ScoringView:
+    """Rows that score a trajectory (see :meth:`ExecutionGraph.scoring_view`): ``source[i]`` is the serialized
+    index row ``i`` holds, ``layout`` is over the rows, ``scored[i]`` marks the row that scores its token."""
+
+    source: np.ndarray  # [R] int64
+    layout: Layout
+    scored: np.ndarray  # [R] bool
+
+
 class ExecutionGraph:
     """An NPR trajectory (prompt + response) as traces and blocks; see the module docstring.
 
@@ -188,8 +204,8 @@ class ExecutionGraph:
 
     def __init__(self, tokenizer, prompt_ids=(), constraints: str | C.ConstraintSet | None = "strict",
                  layout: str = "parallel"):
-        if layout not in ("parallel", "sequential"):
-            raise ValueError(f"layout must be 'parallel' or 'sequential', got {layout!r}")
+        if layout not in LAYOUT_KINDS:
+            raise ValueError(f"layout must be one of {LAYOUT_KINDS}, got {layout!r}")
         self.vocab = TagVocab.of(tokenizer)
         self.constraints = C.resolve(constraints)
         self.layout_kind = layout
@@ -321,9 +337,109 @@ class ExecutionGraph:
         return base + local + extra
 
     def layout(self) -> Layout:
-        """Positions and compact visibility; sequential graphs give plain causal positions."""
+        """Positions and compact visibility; sequential graphs give plain causal positions.
+
+        An orchestrated graph gives the parallel layout of its structure here; what it was generated under,
+        and what the trainer scores, is :meth:`scoring_view`.
+        """
         _, pos, _, _, lo, hi, _ = self._flat()
         return Layout(pos.copy(), lo.copy(), hi.copy())
+
+    def scoring_view(self) -> ScoringView:
+        """The rows that score every token under the layout the graph was generated under.
+
+        Parallel and sequential graphs: the serialized sequence and :meth:`layout`, one row per token.
+
+        Orchestrated graphs (fork/join as separate causal requests on a stock server): a token of a *first*
+        sibling step, and every token after a join, was generated with the serialized sequence before it as
+        context, causal, at position = serialized index (at a join the server re-prefills every step causally:
+        the takeaway reads step 2's KV computed *after* step 1). A token of a *non-first* step j was generated
+        by its own request: the prefix before the fork, then step j, positions continuing the prefix. One
+        token cannot carry both KVs in one forward, so the view packs: the serialized sequence (causal), then
+        one re-encoded copy of each non-first step's subtree, seeing the rows before its fork and itself
+        (hidden interval ``[fork_row, copy_start)``, nested per level). ``scored[i]`` marks the row that gives
+        the logprob of token ``source[i]``; each token is scored exactly once, the other rows are context.
+        """
+        key = ("scoring", self._version, len(self.traces), self.layout_kind)
+        hit = self._cache.get("scoring")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        if self.layout_kind != "orchestrated":
+            L = len(self.token_ids)
+            view = ScoringView(np.arange(L, dtype=np.int64), self.layout(), np.ones(L, dtype=bool))
+        else:
+            view = self._orchestrated_view()
+        self._cache["scoring"] = (key, view)
+        return view
+
+    def _subtree_spans(self) -> tuple[dict[int, int], dict[int, int]]:
+        """Serialized start and length of every trace's subtree (the walk of :meth:`_flat`)."""
+        start: dict[int, int] = {}
+        size: dict[int, int] = {}
+        pos = 0
+
+        def walk(t: Trace):
+            nonlocal pos
+            start[t.uid] = pos
+            cut = 0
+            for b in t.blocks:
+                if b.offset < 0:
+                    continue
+                pos += b.offset - cut
+                cut = b.offset
+                for c in b.children:
+                    walk(c)
+            pos += len(t.ids) - cut
+            size[t.uid] = pos - start[t.uid]
+
+        walk(self.root)
+        return start, size
+
+    def _orchestrated_view(self) -> ScoringView:
+        start, size = self._subtree_spans()
+        src: list[int] = []
+        pos: list[int] = []
+        hides: list[tuple] = []
+        scored: list[bool] = []
+
+        def lay(t: Trace, hide: tuple, p0: int):
+            """One region: the serialized subtree of ``t``, causal, positions from ``p0``, hiding ``hide``."""
+            a, n, r0 = start[t.uid], size[t.uid], len(src)
+            src.extend(range(a, a + n))
+            pos.extend(range(p0, p0 + n))
+            hides.extend([hide] * n)
+            scored.extend([True] * n)
+            copies = []
+
+            def scope(u: Trace):  # blocks whose first step is generated inside this region
+                for b in u.blocks:
+                    if b.offset < 0 or not b.children:
+                        continue
+                    if not b.parallel:  # a declined fork: its steps follow each other in this region
+                        for c in b.children:
+                            scope(c)
+                        continue
+                    scope(b.children[0])
+                    fork_row = r0 + start[b.children[0].uid] - a
+                    for c in b.children[1:]:
+                        s = r0 + start[c.uid] - a
+                        scored[s:s + size[c.uid]] = [False] * size[c.uid]
+                        copies.append((c, fork_row))
+
+            scope(t)
+            for c, fork_row in copies:  # each non-first step again, seeing this region up to its fork
+                lay(c, hide + ((fork_row, len(src)),), p0 + fork_row - r0)
+
+        lay(self.root, (), 0)
+        R = len(src)
+        D = max([len(h) for h in hides] + [1])
+        lo = np.zeros((R, D), dtype=np.int64)
+        hi = np.zeros((R, D), dtype=np.int64)
+        for q, h in enumerate(hides):
+            for d, (x, y) in enumerate(h):
+                lo[q, d], hi[q, d] = x, y
+        return ScoringView(np.asarray(src, dtype=np.int64), Layout(np.asarray(pos, dtype=np.int64), lo, hi),
+                           np.asarray(scored, dtype=bool))
 
     def position_ids(self) -> np.ndarray:
         return self._flat()[1].copy()
@@ -692,7 +808,7 @@ class Cursor:
             g._flag("TOO_MANY_PLANS", t, f"{n} > {g.constraints.max_plans}")
         b.forkable = 1 <= n <= g.constraints.max_plans and b.depth <= g.constraints.max_depth
         t.mode = M_STEPS
-        b.parallel = b.forkable and g.layout_kind == "parallel"
+        b.parallel = b.forkable and g.layout_kind != "sequential"
         b.routed = True
         if b.forkable and not self.auto_fork:
             return Event.FORK

@@ -27,8 +27,8 @@ def rows(run_dir, stage):
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        if r["stage"] == stage:
-            out[r["step"]] = r
+        if r["stage"] == stage:  # the final eval shares the last step's row
+            out.setdefault(r["step"], {}).update(r)
     return out
 
 
