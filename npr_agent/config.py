@@ -43,6 +43,8 @@ class TaskConfig:
 
 @dataclass
 class EngineConfig:
+    backend: str = "native"  # native (fork/join engine, CPU or GPU) | sglang (orchestrated, GPU; docs/scaling.md)
+    sglang_mem_fraction: float = 0.45  # share of GPU memory SGLang may hold beside the learner
     block_size: int = 16
     num_blocks: int = 4096
     max_plans: int = 5
@@ -172,9 +174,10 @@ def preset(name: str) -> TrainConfig:
         # The paper's settings (../shared/reference/npr-facts.md); rollouts on SGLang or the native engine.
         return TrainConfig(
             name="qwen3-4b", device="cuda", stages=("stage1", "stage2", "stage3"),
-            model=ModelConfig(path="Qwen/Qwen3-4B-Instruct-2507", dtype="bfloat16"),
+            # fp32 master weights (bf16 compute via FSDP2's param dtype): lr 1e-7 steps vanish in pure bf16.
+            model=ModelConfig(path="models/Qwen3-4B-Instruct-2507", dtype="float32"),
             tasks=TaskConfig(instruction=True, benchmark=None),
-            engine=EngineConfig(block_size=16, num_blocks=65536, max_plans=5, max_depth=5, min_fork_budget=1024,
+            engine=EngineConfig(backend="sglang", block_size=16, num_blocks=65536, max_plans=5, max_depth=5, min_fork_budget=1024,
                                 step_repetition_penalty=1.02),
             stage1=Stage1Config(steps=200, prompts_per_step=32, group_size=16, lr=1e-6, lr_schedule="cosine",
                                 max_new_tokens=30000, algorithm_args={"clip_low": 0.2, "clip_high": 0.28}),

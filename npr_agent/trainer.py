@@ -129,11 +129,38 @@ class NPRTrainer:
                                                   tokenize=True, return_dict=False)
 
     def engine(self, model):
-        from engine import NPREngine
+        """The rollout engine over ``model``'s current weights.
 
+        native: reads the live module, so it is cheap to build and never needs a weight sync.
+        sglang: one server per rank, started once from the weights saved to disk, then synced in memory
+        (``sync_engine``) after every optimizer step.
+        """
         e = self.cfg.engine
-        return NPREngine(model, self.tokenizer, block_size=e.block_size, num_blocks=e.num_blocks,
-                         max_plans=e.max_plans, max_depth=e.max_depth, min_fork_budget=e.min_fork_budget)
+        if e.backend == "native":
+            from engine import NPREngine
+
+            return NPREngine(model, self.tokenizer, block_size=e.block_size, num_blocks=e.num_blocks,
+                             max_plans=e.max_plans, max_depth=e.max_depth, min_fork_budget=e.min_fork_budget)
+        if e.backend != "sglang":
+            raise ValueError(f"engine.backend must be 'native' or 'sglang', got {e.backend!r}")
+        if getattr(self, "_sglang", None) is None:
+            from engine.backends.sglang import SGLangEngine
+
+            path = self.run_dir / "sglang_init"
+            if self.dist.is_main:
+                ckpt.save_policy(unwrap(model), self.tokenizer, path)
+            self.dist.barrier()
+            self._sglang = SGLangEngine(str(path), tokenizer=self.tokenizer, base_gpu_id=self.dist.local_rank,
+                                        mem_fraction_static=e.sglang_mem_fraction, max_plans=e.max_plans,
+                                        max_depth=e.max_depth, min_fork_budget=e.min_fork_budget)
+        else:
+            self.sync_engine(self._sglang, model)
+        return self._sglang
+
+    def sync_engine(self, engine, model) -> None:
+        """Push the learner's weights into an engine that holds its own copy (SGLang); native engines share."""
+        if self.cfg.engine.backend != "native":
+            engine.load_weights(self.dist.full_state_dict(model, rank0_only=False))
 
     def sampling(self, temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int):
         from engine import SamplingParams
@@ -400,6 +427,7 @@ class NPRTrainer:
             m = self.rl_step(stage, step, model, engine, algo, opt, cfg)
             if m["batch/updated"]:
                 sched.step()
+                self.sync_engine(engine, model)
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
                 m.update(self.evaluate(model, stage, mode=cfg.mode, log=False).scalars())
             self.logger.log(stage, step + 1, m)
