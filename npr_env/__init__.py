@@ -1,9 +1,25 @@
 """npr_env: the NPR trajectory format, its execution graph, verifier, rewards, tasks and Gymnasium envs."""
 
+from . import constraints, rewards, tasks
 from .constraints import ConstraintSet, Violation
-from .graph import Cursor, Event, ExecutionGraph, Layout
+from .graph import Cursor, Event, ExecutionGraph
+from .layout import Layout
+from .rewards import (
+    REWARD_PRESETS,
+    RewardResult,
+    accuracy_reward,
+    format_score,
+    papo_reward,
+    score,
+    stage1_reward,
+    trl_accuracy_reward,
+    trl_format_reward,
+    trl_stage1_reward,
+)
 from .schema import INSTRUCTION, TAGS
+from .tasks import GroupSumTasks, Problem, ProceduralTasks, TaskFormatError, load_benchmark, load_problems
 from .tokenizer import add_npr_tokens, load_tokenizer
+from .verify import extract_answer, verify, verify_many
 
 
 def parse(text: str, tokenizer=None, constraints="strict", layout: str = "parallel") -> ExecutionGraph:
@@ -11,11 +27,14 @@ def parse(text: str, tokenizer=None, constraints="strict", layout: str = "parall
     return ExecutionGraph.from_text(text, tokenizer, constraints=constraints, layout=layout)
 
 
-__all__ = [
-    "INSTRUCTION", "TAGS", "ConstraintSet", "Cursor", "Event", "ExecutionGraph", "Layout", "Violation",
-    "add_npr_tokens", "load_tokenizer", "parse",
-]
-
-from .envs import register_envs  # noqa: E402
+from .envs import register_envs  # noqa: E402  (the envs use everything above)
 
 register_envs()
+
+__all__ = [
+    "INSTRUCTION", "REWARD_PRESETS", "TAGS", "ConstraintSet", "Cursor", "Event", "ExecutionGraph", "GroupSumTasks",
+    "Layout", "Problem", "ProceduralTasks", "RewardResult", "TaskFormatError", "Violation", "accuracy_reward",
+    "add_npr_tokens", "constraints", "extract_answer", "format_score", "load_benchmark", "load_problems",
+    "load_tokenizer", "papo_reward", "parse", "register_envs", "rewards", "score", "stage1_reward", "tasks",
+    "trl_accuracy_reward", "trl_format_reward", "trl_stage1_reward", "verify", "verify_many",
+]
