@@ -111,14 +111,14 @@ class Stage1Config(RLConfig):
 class Stage2Config(SFTConfig):
     """NPR-Beta: rejection sampling from the stage-1 model, then parallel SFT from the seed model."""
 
-    num_problems: int = 256
+    num_problems: int = 512
     tries: int = 8  # samples per problem; the first correct and format-perfect one is kept
     tries_per_round: int = 2  # drawn per open problem per round (problems solved early cost no more samples)
     temperature: float = 1.0
     max_new_tokens: int = 448
     steps: int = 400
     lr: float = 1e-3
-    epochs_cap: int = 20
+    epochs_cap: int = 12  # at most this many passes over the kept trajectories (small data overfits)
     # Below `min_kept` kept trajectories, add the tasks' worked parallel solutions (logged as
     # rejection/from_solutions). Only procedural tasks have them; off for real models.
     min_kept: int = 64
