@@ -18,7 +18,9 @@ from npr_env.graph import ExecutionGraph
 class TrajectoryForcer:
     """``(context_ids, logits) -> logits`` with -inf everywhere except the trajectory's next token."""
 
-    def __init__(self, tokenizer, prompt_ids: list[int], response_ids: list[int], strict: bool = True):
+    def __init__(self, tokenizer, prompt_ids: list[int], response_ids: list[int], strict: bool = True,
+                 constraints="strict"):
+        """``constraints`` must have the engine's limits (``max_plans``/``max_depth`` decide what forks)."""
         ids = [int(t) for t in prompt_ids] + [int(t) for t in response_ids]
         self.strict = strict
         self.table: dict[tuple[int, int], int] = {}
@@ -27,7 +29,8 @@ class TrajectoryForcer:
         # that collide (the number after <step> in sibling steps) are forced by the engine, never asked for.
         fixed = set()
         for layout in ("sequential", "parallel"):
-            g = ExecutionGraph.from_token_ids(ids, tokenizer, prompt_len=len(prompt_ids), layout=layout)
+            g = ExecutionGraph.from_token_ids(ids, tokenizer, prompt_len=len(prompt_ids), layout=layout,
+                                              constraints=constraints)
             if g.token_ids != ids:
                 raise ValueError("the trajectory does not serialize to itself (is it a valid NPR response?)")
             mask = g.layout().dense_mask()

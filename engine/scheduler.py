@@ -98,6 +98,7 @@ class Scheduler:
         self.eos_ids = sorted(engine.vocab.eos_ids)
         self.step_open, self.takeaway_open = engine.step_open_id, engine.takeaway_open_id
         self.steps = 0
+        self.step_log: list[tuple[int, float]] = []  # (rows, seconds) per step; rows 0 = a prefill
         self.t0 = time.perf_counter()
         self.requests: list[Request] = []
         self.waiting: deque[list[Request]] = deque()
@@ -126,12 +127,16 @@ class Scheduler:
 
     # -- main loop ---------------------------------------------------------------------------------------
     def run(self) -> list[Rollout]:
+        tick = time.perf_counter
         try:
             while self.waiting or self.running:
+                t0 = tick()
                 admitted = self._admit()
                 if admitted:
                     self._prefill(admitted)
                     self._reap()
+                    self.step_log.append((0, tick() - t0))
+                t0 = tick()
                 rows = self._make_room()
                 if rows:
                     cap = self.engine.max_batch_rows
@@ -141,6 +146,7 @@ class Scheduler:
                             self._emit(chunk, self._forward_decode(chunk))
                     self.steps += 1
                     self._reap()
+                    self.step_log.append((len(rows), tick() - t0))
                 elif not admitted and self.waiting:
                     raise RuntimeError("scheduler stalled: nothing running and nothing admissible")
         except BaseException:

@@ -4,7 +4,14 @@ decoding, rollout alignment, sampling, budgets, pool pressure, stop rules, weigh
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import npr_env
 from engine import NPREngine, SamplingParams, TrajectoryForcer
@@ -151,7 +158,8 @@ def test_batched_requests_of_different_lengths_stay_exact(qwen3):
                 return f(ctx, logits)
         raise KeyError("unknown prompt")
 
-    eng = NPREngine(qwen3, TOK, num_blocks=512, block_size=4, min_fork_budget=0)
+    # prefill_chunk=5: prompts are prefilled in several causal chunks, batched with different lengths
+    eng = NPREngine(qwen3, TOK, num_blocks=512, block_size=4, min_fork_budget=0, prefill_chunk=5)
     outs = eng.generate(prompts, SamplingParams(max_new_tokens=1000, logits_processors=[dispatch]))
     for r, t in zip(outs, texts):
         assert r.token_ids == enc(t) and r.finish_reason == "eos"
