@@ -145,7 +145,39 @@ def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
-class ProceduralTasks:
+class _ProblemSource:
+    """Indexed problem generators: ``source[i]`` is a pure function of ``(seed, i)``; a cursor walks it."""
+
+    seed: int
+    test_fraction: float
+    _cursor: int = 0
+
+    def split_of(self, question: str) -> str:
+        """``"test"`` or ``"train"``: a fixed function of the question text."""
+        return "test" if _stable_hash(question) % 10**6 < self.test_fraction * 10**6 else "train"
+
+    def sample(self, n: int) -> list[Problem]:
+        """The next ``n`` problems."""
+        out = [self[self._cursor + k] for k in range(n)]
+        self._cursor += n
+        return out
+
+    def stream(self) -> Iterator[Problem]:
+        """An endless stream of problems, from the cursor on."""
+        while True:
+            yield self[self._cursor]
+            self._cursor += 1
+
+    __iter__ = stream
+
+    def reset(self, seed: int | None = None) -> None:
+        """Rewind the cursor (and optionally change the seed)."""
+        if seed is not None:
+            self.seed = seed
+        self._cursor = 0
+
+
+class ProceduralTasks(_ProblemSource):
     """Seeded arithmetic problems whose sub-problems are independent: ``Compute 23*4 + 17*6 + 31*3.``
 
     Difficulty dial (the knobs, from easy to hard; ``ProceduralTasks.level(k)`` gives presets 0-5):
@@ -219,10 +251,6 @@ class ProceduralTasks:
             raise ValueError(f"unknown level {k}; choose one of {sorted(cls.LEVELS)}")
         return cls(seed=seed, **{**cls.LEVELS[k], **overrides})
 
-    def split_of(self, question: str) -> str:
-        """``"test"`` or ``"train"``: a fixed function of the question text."""
-        return "test" if _stable_hash(question) % 10**6 < self.test_fraction * 10**6 else "train"
-
     def _node(self, rng: random.Random, depth: int, count: tuple[int, int], top: bool):
         if depth == 0:
             k = rng.randint(*self.terms)
@@ -255,33 +283,13 @@ class ProceduralTasks:
         return Problem(id=f"{self.source}-{_stable_hash(question):016x}", question=question, answer=answer,
                        source=self.source, solutions=solutions, meta=meta)
 
-    def sample(self, n: int) -> list[Problem]:
-        """The next ``n`` problems."""
-        out = [self[self._cursor + k] for k in range(n)]
-        self._cursor += n
-        return out
-
-    def stream(self) -> Iterator[Problem]:
-        """An endless stream of problems, from the cursor on."""
-        while True:
-            yield self[self._cursor]
-            self._cursor += 1
-
-    __iter__ = stream
-
-    def reset(self, seed: int | None = None) -> None:
-        """Rewind the cursor (and optionally change the seed)."""
-        if seed is not None:
-            self.seed = seed
-        self._cursor = 0
-
     def __repr__(self) -> str:
         return (f"ProceduralTasks(seed={self.seed}, num_subproblems={self.num_subproblems}, digits={self.digits}, "
                 f"terms={self.terms}, nesting={self.nesting}, ops={self.ops!r}, term_ops={self.term_ops!r}, "
                 f"combine={self.combine!r}, split={self.split!r})")
 
 
-class GroupSumTasks:
+class GroupSumTasks(_ProblemSource):
     """The tiny preset's task: add up each of 2-4 labelled groups of digits; the answer lists the sums.
 
     Each group is an independent sub-problem with real work in it (a running sum), so a parallel solution
@@ -314,9 +322,6 @@ class GroupSumTasks:
             raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
         self.split, self.test_fraction = split, test_fraction
         self._cursor = 0
-
-    def split_of(self, question: str) -> str:
-        return "test" if _stable_hash(question) % 10**6 < self.test_fraction * 10**6 else "train"
 
     def __getitem__(self, i: int) -> Problem:
         if i < 0:
@@ -354,23 +359,6 @@ class GroupSumTasks:
         meta = {"num_subproblems": len(groups), "values": sums, "split": self.split_of(question)}
         return Problem(id=f"groupsum-{_stable_hash(question):016x}", question=question, answer=answer,
                        source="groupsum", solutions={"parallel": parallel, "sequential": sequential}, meta=meta)
-
-    def sample(self, n: int) -> list[Problem]:
-        out = [self[self._cursor + k] for k in range(n)]
-        self._cursor += n
-        return out
-
-    def stream(self) -> Iterator[Problem]:
-        while True:
-            yield self[self._cursor]
-            self._cursor += 1
-
-    __iter__ = stream
-
-    def reset(self, seed: int | None = None) -> None:
-        if seed is not None:
-            self.seed = seed
-        self._cursor = 0
 
     def __repr__(self) -> str:
         return (f"GroupSumTasks(seed={self.seed}, num_subproblems={self.num_subproblems}, terms={self.terms}, "
