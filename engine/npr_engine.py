@@ -10,8 +10,11 @@
 * Positions and visibility come from ``npr_env`` only (each branch is an ``npr_env.graph.Cursor``), so a
   rollout's ``graph.layout()`` is exactly what the engine decoded with, and ``Rollout.logprobs`` equal a full
   forward of the model over ``graph.token_ids`` with that layout (tested at fp32, max |diff| <= 1e-4).
-* Weights: the runner applies the live module's parameters, re-read at every ``generate``. A trainer that
-  updates the module in place needs to do nothing; :meth:`NPREngine.load_weights` copies a state dict in.
+* Weights: the runner applies the live module's parameters, re-read at every ``generate`` (on CPU it also
+  keeps fused q/k/v and gate/up copies, rebuilt whenever a parameter's version counter moved). A trainer
+  that updates the module in place (optimizer steps, ``load_state_dict``) needs to do nothing;
+  :meth:`NPREngine.load_weights` copies a state dict in. Do not call ``generate`` while the trainer is
+  writing the weights (the engine is not thread-safe).
 """
 
 from __future__ import annotations
