@@ -19,22 +19,6 @@ import time
 from pathlib import Path
 
 
-def _tiny_model_dir() -> str:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    import npr_env
-
-    tok = npr_env.load_tokenizer()
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=None)
-    path = tempfile.mkdtemp(prefix="npr-speed-")
-    Qwen3ForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def ours(model_dir: str, mode: str, steps: int, prompts: int, group: int, max_new: int, threads: int) -> float:
     from npr_agent.algorithms import make_algorithm
     from npr_agent.config import preset
@@ -108,7 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.prompts, a.group, a.max_new_tokens = 2, 4, 4, 96
-    model = a.model or _tiny_model_dir()
+    from npr_agent.checkpoint import save_tiny_model
+
+    model = a.model or save_tiny_model(hidden_size=128, num_layers=3)  # the tiny preset's shape
     shape = (a.steps, a.prompts, a.group, a.max_new_tokens, a.threads)
     res = {"model": model, "steps": a.steps, "prompts": a.prompts, "group": a.group,
            "max_new_tokens": a.max_new_tokens, "threads": a.threads}

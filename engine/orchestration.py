@@ -187,7 +187,8 @@ class OrchestratedEngine:
         """Hand new policy weights to the backend (``backend.load_weights``)."""
         load = getattr(self.backend, "load_weights", None)
         if load is None:
-            raise NotImplementedError(f"{type(self.backend).__name__} has no load_weights()")
+            raise TypeError(f"{type(self.backend).__name__} has no load_weights(): this backend cannot take new "
+                            "weights in memory; restart it from a saved checkpoint instead")
         load(state_dict, **kw)
 
     # -- generate ----------------------------------------------------------------------------------------------

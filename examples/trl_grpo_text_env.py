@@ -46,20 +46,6 @@ def build_dataset(n: int, seed: int = 0):
     return Dataset.from_list([{"prompt": p.question, "question": p.question, "answer": p.answer} for p in probs])
 
 
-def tiny_model_dir() -> str:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    tok = npr_env.load_tokenizer()
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=None)
-    path = tempfile.mkdtemp(prefix="npr-trl-tiny-")
-    Qwen3ForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="an HF checkpoint dir (default: a tiny random Qwen3)")
@@ -74,7 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    path = args.model or tiny_model_dir()
+    from npr_agent.checkpoint import save_tiny_model
+
+    path = args.model or save_tiny_model()
     tok = AutoTokenizer.from_pretrained(path)
     npr_env.add_npr_tokens(tok)
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -152,3 +152,20 @@ def lr_lambda(schedule: str, total: int, warmup: int, min_ratio: float = 0.0):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     return f
+
+
+def save_tiny_model(path: str | Path | None = None, hidden_size: int = 64, num_layers: int = 2,
+                    seed: int = 0) -> str:
+    """A random Qwen3 with the shipped tokenizer, saved as an HF directory (examples, benchmarks, tests)."""
+    import tempfile
+
+    import npr_env
+
+    cfg = ModelConfig(hidden_size=hidden_size, num_layers=num_layers, num_heads=4, num_kv_heads=2,
+                      head_dim=hidden_size // 4, intermediate_size=3 * hidden_size)
+    tok = npr_env.load_tokenizer()
+    model = build_model(cfg, tok, torch.device("cpu"), seed=seed)
+    out = str(path or tempfile.mkdtemp(prefix="npr-tiny-"))
+    save_policy(model, tok, out)
+    return out
+

@@ -21,6 +21,7 @@ Losses are token-normalised over the whole batch: every micro-batch divides its 
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -86,7 +87,7 @@ def group_stats(values: np.ndarray, group_ids: np.ndarray, keep: np.ndarray, ddo
     return mean, std, size
 
 
-class Algorithm:
+class Algorithm(abc.ABC):
     """Base class. Subclasses set ``config_class`` and override :meth:`advantages` and maybe the rest."""
 
     name: str = "base"
@@ -110,9 +111,9 @@ class Algorithm:
                 keep[i] = False
         return keep
 
+    @abc.abstractmethod
     def advantages(self, rewards: np.ndarray, group_ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """Per-sequence advantages ``[N]``; 0 where ``keep`` is False."""
-        raise NotImplementedError
 
     def prepare(self, infos: Sequence[RolloutInfo]) -> Prepared:
         """shape_rewards → filter → advantages, with batch metrics."""
@@ -133,9 +134,9 @@ class Algorithm:
         return Prepared(rewards, keep, adv, m)
 
     # -- token level ---------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def policy_terms(self, logprobs, old_logprobs, advantages, mask):
         """Per-token objective to *maximise* ``[B, T]`` and extra metrics; subclasses override."""
-        raise NotImplementedError
 
     def loss(self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages, loss_mask: torch.Tensor,
              num_tokens: int | None = None, ref_logprobs: torch.Tensor | None = None,
