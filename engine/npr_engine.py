@@ -10,8 +10,8 @@
 * Positions and visibility come from ``npr_env`` only (each branch is an ``npr_env.graph.Cursor``), so a
   rollout's ``graph.layout()`` is exactly what the engine decoded with, and ``Rollout.logprobs`` equal a full
   forward of the model over ``graph.token_ids`` with that layout (tested at fp32, max |diff| <= 1e-4).
-* Weights: the runner applies the live module's parameters, re-read at every ``generate`` (on CPU it also
-  keeps fused q/k/v and gate/up copies, rebuilt whenever a parameter's version counter moved). A trainer
+* Weights: the runner applies the live module's parameters (references, never copies), re-read at every
+  ``generate``. A trainer
   that updates the module in place (optimizer steps, ``load_state_dict``) needs to do nothing;
   :meth:`NPREngine.load_weights` copies a state dict in. Do not call ``generate`` while the trainer is
   writing the weights (the engine is not thread-safe).
@@ -48,20 +48,17 @@ class NPREngine:
     * ``constraints`` ("strict"): the ``npr_env`` constraint preset or ``ConstraintSet`` of the rollout graphs.
       ``stop_on_violation`` (None = on in parallel mode with strict constraints): end a rollout as soon as
       its graph has a violation (finish ``violation``).
-    * ``fuse_weights`` (None = on CPU): keep fused q/k/v and gate/up copies of the weights (fewer kernels per
-      layer; one extra copy of those weights, refreshed whenever the module's parameters change).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_bytes: int = 256 * 2**20, max_running_requests: int = 256, max_batch_rows: int = 256,
                  prefill_chunk: int = 512, max_prefill_tokens: int = 8192, reserve_tokens: int = 32,
                  max_plans: int = MAX_PLANS, max_depth: int = MAX_DEPTH, min_fork_budget: int = 32,
-                 constraints: str | C.ConstraintSet = "strict", stop_on_violation: bool | None = None,
-                 fuse_weights: bool | None = None):
+                 constraints: str | C.ConstraintSet = "strict", stop_on_violation: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.vocab = TagVocab.of(tokenizer)
-        self.runner = ModelRunner(model, fuse=fuse_weights)
+        self.runner = ModelRunner(model)
         if isinstance(constraints, str):
             if constraints not in C.PRESETS:
                 raise ValueError(f"unknown constraint preset {constraints!r}; choose one of {sorted(C.PRESETS)}")

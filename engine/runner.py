@@ -6,9 +6,9 @@ the gated MLP, the final norm and ``lm_head``), and the module's own ``rotary_em
 them with the same arithmetic as HF: RMSNorm in fp32, RoPE by ``rotate_half``, softmax attention with scale
 ``head_dim ** -0.5``. Keys are written to the cache already rotated, at the positions the graph gave.
 
-Because it holds references to the module's parameter tensors (re-read by :meth:`ModelRunner.bind` at every
-``generate``), a trainer that updates the module in place (optimizer steps, ``load_state_dict``) is seen by
-the next rollout without any copy.
+Because it holds references to the module's parameter tensors, never copies (re-read by
+:meth:`ModelRunner.bind` at every ``generate``), a trainer that updates the module in place (optimizer steps,
+fused or not, ``load_state_dict``) is seen by the next rollout with nothing to synchronise.
 
 One call (:meth:`ModelRunner.forward`) runs ``B`` rows of ``Q`` new tokens each (decode: ``Q == 1``; prefill
 or forced chunks: ``Q > 1``, right-padded). Each row's keys are a gather of its block table's slots
@@ -46,23 +46,16 @@ def _bias(linear):
 
 
 class _Layer:
-    """References to one decoder layer's parameters (fused copies where the runner fuses)."""
+    """References to one decoder layer's parameters (the live tensors, never copies)."""
 
-    __slots__ = ("ln1", "e1", "q", "k", "v", "qkv", "qkv_b", "q_b", "k_b", "v_b", "o", "o_b", "qk_norm", "qk_eps",
-                 "q_norm", "k_norm", "q_eps", "k_eps", "ln2", "e2", "gate", "up", "gu", "gu_b", "gate_b", "up_b",
-                 "down", "down_b", "act")
+    __slots__ = ("ln1", "e1", "q", "k", "v", "q_b", "k_b", "v_b", "o", "o_b", "q_norm", "k_norm", "q_eps", "k_eps",
+                 "ln2", "e2", "gate", "up", "down", "gate_b", "up_b", "down_b", "act")
 
 
 class ModelRunner:
-    """Applies an HF Qwen3/Qwen2/Llama ``*ForCausalLM`` module over a :class:`~engine.kv_cache.BlockPool`.
+    """Applies an HF Qwen3/Qwen2/Llama ``*ForCausalLM`` module over a :class:`~engine.kv_cache.BlockPool`."""
 
-    ``fuse`` (default: on CPU only) concatenates q/k/v and gate/up weights into single matrices, which cuts
-    the number of kernels per layer. The fused copies are rebuilt by :meth:`bind` whenever a source parameter
-    changed (its version counter moves on every in-place update), so in-place training updates are still
-    picked up at the next ``generate``; they cost one extra copy of those weights in memory.
-    """
-
-    def __init__(self, model: torch.nn.Module, fuse: bool | None = None):
+    def __init__(self, model: torch.nn.Module):
         cfg = model.config
         model_type = getattr(cfg, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -77,13 +70,11 @@ class ModelRunner:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.group = self.num_heads // self.kv_heads
-        self.fuse = (model.model.embed_tokens.weight.device.type == "cpu") if fuse is None else fuse
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         # position-independent rotary types: cos/sin are read from a table built by the module itself
         self._rope_table_ok = rope.get("rope_type", rope.get("type", "default")) in (
             "default", "linear", "llama3", "yarn")
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._versions: tuple = ()
         self.bind()
 
     @property
@@ -95,19 +86,11 @@ class ModelRunner:
         return self.embed.dtype
 
     def bind(self) -> None:
-        """(Re)read the live module's parameters; called at the start of every generate.
-
-        Plain references cost nothing; fused copies are rebuilt only if a parameter changed since the last bind.
-        """
+        """(Re)read references to the live module's parameters; called at the start of every generate."""
         base = self.model.model
-        versions = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
-        if versions == self._versions:
-            return
-        self._versions = versions
         self._rope_table = None
         self.embed = base.embed_tokens.weight
         self.rotary = base.rotary_emb
-        cat = torch.cat
         layers = []
         for layer in base.layers:
             att, mlp = layer.self_attn, layer.mlp
@@ -125,21 +108,6 @@ class ModelRunner:
             L.k_norm = kn.weight if kn is not None else None
             L.q_eps = qn.variance_epsilon if qn is not None else 0.0
             L.k_eps = kn.variance_epsilon if kn is not None else 0.0
-            L.qkv = L.qkv_b = L.gu = L.gu_b = L.qk_norm = None
-            if self.fuse:
-                with torch.no_grad():
-                    L.qkv = cat([L.q, L.k, L.v]).detach()
-                    if L.q_b is not None or L.k_b is not None or L.v_b is not None:
-                        L.qkv_b = cat([b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-                                       for b, w in ((L.q_b, L.q), (L.k_b, L.k), (L.v_b, L.v))]).detach()
-                    L.gu = cat([L.gate, L.up]).detach()
-                    if L.gate_b is not None or L.up_b is not None:
-                        L.gu_b = cat([b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-                                      for b, w in ((L.gate_b, L.gate), (L.up_b, L.up))]).detach()
-                    if L.q_norm is not None and L.k_norm is not None and L.q_eps == L.k_eps:
-                        L.qk_norm = cat([L.q_norm.expand(self.num_heads, -1),
-                                         L.k_norm.expand(self.kv_heads, -1)]).detach()
-                        L.qk_eps = L.q_eps
             layers.append(L)
         self.layers = layers
         self.scale = float(getattr(base.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
@@ -182,22 +150,12 @@ class ModelRunner:
         hidden = x.shape[-1]
         for i, L in enumerate(self.layers):
             h = _rms(x, L.ln1, L.e1)
-            if L.qkv is not None:
-                qkv = F.linear(h, L.qkv, L.qkv_b).view(B, Q, H + 2 * KV, D)
-                qk, v = qkv[:, :, :H + KV], qkv[:, :, H + KV:]
-                if L.qk_norm is not None:
-                    qk = _rms(qk, None, L.qk_eps) * L.qk_norm
-                elif L.q_norm is not None:
-                    qk = torch.cat([_rms(qk[:, :, :H], L.q_norm, L.q_eps), _rms(qk[:, :, H:], L.k_norm, L.k_eps)], 2)
-                qk = _rope(qk, cos, sin)
-                q, k = qk[:, :, :H], qk[:, :, H:]
-            else:
-                q = F.linear(h, L.q, L.q_b).view(B, Q, H, D)
-                k = F.linear(h, L.k, L.k_b).view(B, Q, KV, D)
-                v = F.linear(h, L.v, L.v_b).view(B, Q, KV, D)
-                if L.q_norm is not None:
-                    q, k = _rms(q, L.q_norm, L.q_eps), _rms(k, L.k_norm, L.k_eps)
-                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q = F.linear(h, L.q, L.q_b).view(B, Q, H, D)
+            k = F.linear(h, L.k, L.k_b).view(B, Q, KV, D)
+            v = F.linear(h, L.v, L.v_b).view(B, Q, KV, D)
+            if L.q_norm is not None:
+                q, k = _rms(q, L.q_norm, L.q_eps), _rms(k, L.k_norm, L.k_eps)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kf, vf = pool.k_flat[i], pool.v_flat[i]
             kf.index_copy_(0, write_slots, k.flatten(0, 1))
             vf.index_copy_(0, write_slots, v.flatten(0, 1))
@@ -211,12 +169,7 @@ class ModelRunner:
             if L.o_b is not None:
                 x = x + L.o_b
             h = _rms(x, L.ln2, L.e2)
-            if L.gu is not None:
-                gu = F.linear(h, L.gu, L.gu_b)
-                inter = gu.shape[-1] // 2
-                a = L.act(gu[:, :inter]) * gu[:, inter:]
-            else:
-                a = L.act(F.linear(h, L.gate, L.gate_b)) * F.linear(h, L.up, L.up_b)
+            a = L.act(F.linear(h, L.gate, L.gate_b)) * F.linear(h, L.up, L.up_b)
             x = torch.addmm(x, a, L.down.t())
             if L.down_b is not None:
                 x = x + L.down_b

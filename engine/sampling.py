@@ -25,6 +25,13 @@ class SamplingParams:
     """How to sample. ``max_new_tokens`` bounds the critical path of a rollout (the longest chain of tokens
     that must be decoded one after another); ``max_total_tokens`` bounds the sum over all branches and
     defaults to ``4 * max_new_tokens``. In sequential mode the two coincide.
+
+    ``temperature == 0`` is greedy; its logprobs are taken at temperature 1. ``seed`` makes a call
+    reproducible: request ``i`` (prompt-major, ``n`` samples per prompt) draws from its own generator seeded
+    with ``seed + i``. ``logits_processors`` are called per branch as ``proc(context_ids, logits_row)`` with
+    the tokens that branch can see (prompt included, serialized order); ``context_ids`` is the engine's own
+    list: read it, do not keep or modify it. The repetition penalty applies to every token the branch can
+    see (HF's rule), with ``step_repetition_penalty`` inside a ``<step>`` and ``repetition_penalty`` elsewhere.
     """
 
     temperature: float = 1.0

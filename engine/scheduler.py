@@ -164,6 +164,8 @@ class Scheduler:
     def _admit(self) -> list[list[Request]]:
         pool, eng = self.pool, self.engine
         admitted: list[list[Request]] = []
+        if not self.waiting:
+            return admitted
         promised = 0  # blocks the groups admitted in this call will take
         n_running = len(self.running)
         active = sum(len(r.active) for r in self.running)
