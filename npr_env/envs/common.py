@@ -89,3 +89,21 @@ def score(preset: str, graph: ExecutionGraph, gold: str, truncated: bool = False
         "answer": answer, "correct": bool(r.correct), "valid": bool(r.valid), "dropped": bool(r.dropped),
         "format_score": float(r.format_score), "violations": tuple(v.code for v in graph.violations),
     }
+
+
+def render_env(env, cls_name: str, env_id: str):
+    """``render()`` of both NPR envs: an ANSI tree or a picture of the episode's graph."""
+    import gymnasium as gym
+
+    if env.render_mode is None:
+        gym.logger.warn(f"render() needs a render_mode: {cls_name}(render_mode='ansi' | 'rgb_array')")
+        return None
+    if env.graph is None:
+        raise RuntimeError("call reset() before render()")
+    from .. import render
+
+    partial = not env._done  # mid-episode: only the violations already certain
+    if env.render_mode == "ansi":
+        return render.render_ansi(env.graph, partial=partial)
+    return render.render_rgb(env.graph, partial=partial, title=f"{env_id} {env.problem_id}".strip())
+

@@ -11,7 +11,7 @@ from gymnasium import spaces
 from ..constraints import ConstraintSet
 from ..graph import Cursor, Event, ExecutionGraph, Trace
 from ..schema import MAX_DEPTH, STEP_OPEN, TAKEAWAY_OPEN, build_prompt
-from .common import ProblemSource, constraints_for, prompt_ids, question_and_answer, score
+from .common import ProblemSource, constraints_for, prompt_ids, question_and_answer, render_env, score
 
 FREE, ACTIVE, WAITING = 0, 1, 2  # slot states; a WAITING slot holds a branch whose children are running
 
@@ -320,18 +320,7 @@ class NPRMathEnv(gym.Env):
                 "slot_paths": tuple(paths), "slot_lengths": lengths}
 
     def render(self):
-        if self.render_mode is None:
-            gym.logger.warn("render() needs a render_mode: NPRMathEnv(render_mode='ansi' | 'rgb_array')")
-            return None
-        if self.graph is None:
-            raise RuntimeError("call reset() before render()")
-        from .. import render
-
-        partial = not self._done  # mid-episode: only the violations already certain
-        if self.render_mode == "ansi":
-            return render.render_ansi(self.graph, partial=partial)
-        title = f"NPR-Math-v0 {self.problem_id}".strip()
-        return render.render_rgb(self.graph, partial=partial, title=title)
+        return render_env(self, "NPRMathEnv", "NPR-Math-v0")
 
 
 def branch_path(trace: Trace) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ from gymnasium import spaces
 from ..constraints import ConstraintSet
 from ..graph import ExecutionGraph
 from ..schema import TAGS, build_prompt
-from .common import ProblemSource, constraints_for, prompt_ids, question_and_answer, score
+from .common import ProblemSource, constraints_for, prompt_ids, question_and_answer, render_env, score
 
 # What AnyText.sample draws from: printable ASCII, whitespace, the tags and a few non-ASCII characters.
 _SAMPLE_PIECES = (*(chr(c) for c in range(32, 127)), "\n", "\t", "é", "π", "∑", "√", "中", "🙂", *TAGS)
@@ -146,15 +146,4 @@ class NPRMathTextEnv(gym.Env):
         return self.prompt, reward, not truncated, truncated, info
 
     def render(self):
-        if self.render_mode is None:
-            gym.logger.warn("render() needs a render_mode: NPRMathTextEnv(render_mode='ansi' | 'rgb_array')")
-            return None
-        if self.graph is None:
-            raise RuntimeError("call reset() before render()")
-        from .. import render
-
-        partial = not self._done  # mid-episode: only the violations already certain
-        if self.render_mode == "ansi":
-            return render.render_ansi(self.graph, partial=partial)
-        title = f"NPR-MathText-v0 {self.problem_id}".strip()
-        return render.render_rgb(self.graph, partial=partial, title=title)
+        return render_env(self, "NPRMathTextEnv", "NPR-MathText-v0")
