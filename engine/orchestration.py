@@ -332,7 +332,7 @@ class _Driver:
             self._finish(run, "stop")
             return ev
         if self.stop_on_violation:
-            found = len(run.graph._found)  # cheap: the full check only runs when the parser flagged something
+            found = run.graph.num_flags  # cheap: the full check only runs when the parser flagged something
             if found != run.n_found:
                 run.n_found = found
                 if run.graph.violations_so_far():

@@ -36,7 +36,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from npr_env.graph import M_STEP_DONE, Event, ExecutionGraph
+from npr_env.graph import Event, ExecutionGraph
 
 from .kv_cache import BlockTable
 from .rollout import Rollout
@@ -364,8 +364,7 @@ class Scheduler:
             self._flush_presence()
             pen = []
             for i in idx:
-                tr = rows[i].cursor.trace
-                in_step = tr.is_step and tr.mode != M_STEP_DONE
+                in_step = rows[i].cursor.in_open_step
                 pen.append(P.step_repetition_penalty if in_step else P.repetition_penalty)
             if any(p != 1.0 for p in pen):
                 seen = self.presence[torch.tensor([rows[i].row for i in idx], device=x.device)]
@@ -408,7 +407,7 @@ class Scheduler:
         if tok in self.stop_ids:
             return self._finish(req, "stop")
         if self.stop_on_violation:
-            found = len(req.graph._found)  # cheap: the expensive check only runs when the parser flagged something
+            found = req.graph.num_flags  # cheap: the expensive check only runs when the parser flagged something
             if found != req.n_found:
                 req.n_found = found
                 if req.graph.violations_so_far():

@@ -444,6 +444,15 @@ class ExecutionGraph:
     def position_ids(self) -> np.ndarray:
         return self._flat()[1].copy()
 
+    @property
+    def num_flags(self) -> int:
+        """How many possible violations the parser has flagged so far (grows only; O(1)).
+
+        A caller that stops on violations compares it with the last value it saw and runs the full
+        ``violations_so_far()`` only when it grew.
+        """
+        return len(self._found)
+
     def attention_mask(self) -> np.ndarray:
         """Dense bool [L, L]; True means "may attend". Causal in serialized order."""
         return self.layout().dense_mask()
@@ -607,6 +616,12 @@ class Cursor:
     @property
     def depth(self) -> int:
         return self.trace.depth
+
+    @property
+    def in_open_step(self) -> bool:
+        """True while this branch is inside a ``<step>`` that has not closed yet."""
+        t = self.trace
+        return t.is_step and t.mode != M_STEP_DONE
 
     def pending_block(self) -> Block | None:
         t = self.trace

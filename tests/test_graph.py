@@ -157,11 +157,13 @@ def test_cursor_fork_join_matches_serial_parse():
     kids = root.fork()
     # decode the two steps interleaved, token by token
     streams = [enc(f"<step>{n}: {s}</step>") for n, s in zip(nums, ["2+3=5 ok", "4+4=8 ok"])]
+    assert all(k.in_open_step for k in kids) and not root.in_open_step
     for i in range(max(map(len, streams))):
         for k, s in zip(kids, streams):
             if i < len(s):
                 ev = k.append(s[i])
         assert ev in (Event.CONTINUE, Event.STEP_DONE)
+    assert not any(k.in_open_step for k in kids)  # both steps closed
     root.join()
     for t in enc("<takeaway>5+8=13 total</takeaway>So \\boxed{13}"):
         root.append(t)
@@ -169,6 +171,17 @@ def test_cursor_fork_join_matches_serial_parse():
     assert np.array_equal(g.position_ids(), serial.position_ids())
     assert np.array_equal(g.attention_mask(), serial.attention_mask())
     assert g.is_valid
+
+
+def test_num_flags_counts_parser_flags_incrementally():
+    g = ExecutionGraph(TOK, TOK.encode("Q?", add_special_tokens=False))
+    cur = g.cursor()
+    seen = []
+    for t in TOK.encode("ok <takeaway>x</takeaway>", add_special_tokens=False):
+        cur.append(t)
+        seen.append(g.num_flags)
+    assert seen == sorted(seen) and seen[0] == 0 and seen[-1] > 0  # grows only, and only at a violation
+    assert g.violations_so_far()
 
 
 def test_stats_critical_path():
