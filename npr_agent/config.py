@@ -118,7 +118,7 @@ class Stage2Config(SFTConfig):
     max_new_tokens: int = 448
     steps: int = 400
     lr: float = 1e-3
-    epochs_cap: int = 12  # at most this many passes over the kept trajectories (small data overfits)
+    epochs_cap: int = 24  # at most this many passes over the kept trajectories (the tiny preset's ~300 need ~24)
     # Below `min_kept` kept trajectories, add the tasks' worked parallel solutions (logged as
     # rejection/from_solutions). Only procedural tasks have them; off for real models.
     min_kept: int = 64
@@ -182,7 +182,7 @@ def preset(name: str) -> TrainConfig:
             stage1=Stage1Config(steps=200, prompts_per_step=32, group_size=16, lr=1e-6, lr_schedule="cosine",
                                 max_new_tokens=30000, algorithm_args={"clip_low": 0.2, "clip_high": 0.28}),
             stage2=Stage2Config(num_problems=8000, tries=8, max_new_tokens=30000, steps=1000, batch_size=8,
-                                lr=1e-6, warmup_ratio=0.05, fill_from_solutions=False),
+                                lr=1e-6, warmup_ratio=0.05, epochs_cap=1, fill_from_solutions=False),
             stage3=Stage3Config(steps=200, prompts_per_step=16, group_size=16, lr=1e-7, max_new_tokens=30000),
             eval=EvalConfig(temperature=1.0, top_p=0.7, max_new_tokens=30000),
         )
