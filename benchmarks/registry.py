@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from npr_env.tasks import Problem, TaskFormatError, load_hf, load_problems
+from npr_env.tasks import Problem, TaskFormatError, iter_rows, load_hf, load_problems
 from npr_env.verify import extract_answer, verify_many
 
 
@@ -266,33 +266,7 @@ def generate_zebra(limit: int | None = None, seed: int = 0, size: int | None = N
 
 def read_rows(path: Path) -> Iterator[tuple[str, object]]:
     """``(where, row)`` for each row of a JSON list or a JSONL file; errors name the file and line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        if path.suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise TaskFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-            if isinstance(data, dict):
-                lists = [v for v in data.values() if isinstance(v, list)]
-                data = lists[0] if len(lists) == 1 else data
-            if not isinstance(data, list):
-                raise TaskFormatError(f"{path}: expected a JSON list of puzzles")
-            for i, row in enumerate(data):
-                yield f"{path}: item {i} (0-based)", row
-            return
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskFormatError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                yield f"{path}:{lineno}", row
-    except UnicodeDecodeError as e:
-        raise TaskFormatError(f"{path}: not UTF-8 text ({e})") from None
+    return iter_rows(path, what="puzzles")
 
 
 def _grid_answer(solution, where: str) -> dict[str, dict[str, str]]:

@@ -447,6 +447,44 @@ def _row_to_problem(row, where: str, source: str, index: int) -> Problem:
                    meta=meta)
 
 
+def iter_rows(path: str | Path, what: str = "rows") -> Iterator[tuple[str, object]]:
+    """``(where, row)`` for each row of a JSON list (or an object holding one list) or a JSONL file.
+
+    ``where`` names the file and line (JSONL) or item (JSON) for error messages; malformed JSON and non-UTF-8
+    text raise :class:`TaskFormatError` naming the file and line. Rows are read lazily.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        if path.suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise TaskFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            if isinstance(data, dict):  # {"data": [...]} and similar wrappers
+                lists = [v for v in data.values() if isinstance(v, list)]
+                if len(lists) != 1:
+                    raise TaskFormatError(f"{path}: expected a JSON list of {what} (or an object holding one list)")
+                data = lists[0]
+            if not isinstance(data, list):
+                raise TaskFormatError(f"{path}: expected a JSON list of {what}, got {type(data).__name__}")
+            for i, row in enumerate(data):
+                yield f"{path}: item {i} (0-based)", row
+            return
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskFormatError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                yield f"{path}:{lineno}", row
+    except UnicodeDecodeError as e:
+        raise TaskFormatError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def load_problems(path: str | Path, source: str | None = None, limit: int | None = None) -> list[Problem]:
     """Problems from a ``.json`` list or a ``.jsonl`` file in any of the benchmark schemas.
 
@@ -463,37 +501,10 @@ def load_problems(path: str | Path, source: str | None = None, limit: int | None
     if limit is not None and limit <= 0:
         return []
     problems: list[Problem] = []
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise TaskFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        except UnicodeDecodeError as e:
-            raise TaskFormatError(f"{path}: not UTF-8 text ({e})") from None
-        if isinstance(data, dict):  # {"data": [...]} and similar wrappers
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise TaskFormatError(f"{path}: expected a JSON list of problems (or an object holding one list)")
-            data = lists[0]
-        if not isinstance(data, list):
-            raise TaskFormatError(f"{path}: expected a JSON list of problems, got {type(data).__name__}")
-        for i, row in enumerate(data[:limit] if limit else data):
-            problems.append(_row_to_problem(row, f"{path}: item {i} (0-based)", source, i))
-        return problems
-    with open(path, encoding="utf-8") as f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskFormatError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                problems.append(_row_to_problem(row, f"{path}:{lineno}", source, len(problems)))
-                if limit and len(problems) >= limit:
-                    break
-        except UnicodeDecodeError as e:
-            raise TaskFormatError(f"{path}: not UTF-8 text ({e})") from None
+    for where, row in iter_rows(path, what="problems"):
+        problems.append(_row_to_problem(row, where, source, len(problems)))
+        if limit and len(problems) >= limit:
+            break
     return problems
 
 
@@ -517,5 +528,5 @@ def load_hf(dataset: str, split: str = "test", source: str | None = None, limit:
     return [_row_to_problem(dict(ds[i]), f"{dataset}[{split}]: row {i}", source, i) for i in range(n)]
 
 
-__all__ = ["BENCHMARK_FILES", "Problem", "ProceduralTasks", "TaskFormatError", "load_benchmark", "load_hf",
+__all__ = ["BENCHMARK_FILES", "Problem", "ProceduralTasks", "TaskFormatError", "iter_rows", "load_benchmark", "load_hf",
            "load_problems"]
