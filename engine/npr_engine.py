@@ -59,12 +59,7 @@ class NPREngine:
         self.tokenizer = tokenizer
         self.vocab = TagVocab.of(tokenizer)
         self.runner = ModelRunner(model)
-        if isinstance(constraints, str):
-            if constraints not in C.PRESETS:
-                raise ValueError(f"unknown constraint preset {constraints!r}; choose one of {sorted(C.PRESETS)}")
-            self.constraints = C.PRESETS[constraints](max_plans=max_plans, max_depth=max_depth)
-        else:
-            self.constraints = constraints
+        self.constraints = C.resolve(constraints, max_plans=max_plans, max_depth=max_depth)
         self.max_depth = min(max_depth, self.constraints.max_depth)
         self.min_fork_budget = min_fork_budget
         self.stop_on_violation = stop_on_violation

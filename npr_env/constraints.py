@@ -116,15 +116,16 @@ def strict(**limits) -> ConstraintSet:
 PRESETS = {"relaxed": relaxed, "strict": strict}
 
 
-def resolve(constraints: str | ConstraintSet | None) -> ConstraintSet:
+def resolve(constraints: str | ConstraintSet | None, **limits) -> ConstraintSet:
+    """A preset name (built with ``limits``, e.g. ``max_plans``), a ready set (returned as is), or None (strict)."""
     if constraints is None:
-        return strict()
+        return strict(**limits)
     if isinstance(constraints, ConstraintSet):
         return constraints
     if constraints not in PRESETS:
         raise ValueError(f"unknown constraint preset {constraints!r}; choose one of {sorted(PRESETS)} "
                          "or pass a ConstraintSet")
-    return PRESETS[constraints]()
+    return PRESETS[constraints](**limits)
 
 
 def format_score(violations: Iterable[Violation]) -> float:
