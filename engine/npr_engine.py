@@ -115,6 +115,7 @@ class NPREngine:
             "wall_s": time.perf_counter() - t0, "steps": sched.steps, "peak_kv_blocks": self.pool.peak_used,
             "peak_kv_bytes": self.pool.peak_used * self.pool.bytes_per_block,
             "num_tokens": sum(r.num_tokens for r in rollouts), "step_log": sched.step_log,
+            "preemptions": sched.preemptions,
         }
         return rollouts
 

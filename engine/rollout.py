@@ -20,7 +20,8 @@ class Rollout:
     visibility the engine decoded with.
 
     ``finish_reason``: ``eos``, ``stop`` (a stop token), ``length`` (budget), ``violation`` (stopped on a
-    format violation), ``aborted`` (preempted under KV pressure, or a prompt the pool can never hold).
+    format violation), ``aborted`` (a request the KV pool cannot hold even alone; requests preempted under pressure are
+    recomputed, not aborted).
     ``truncated`` is True unless the sample ended on EOS or a stop token.
     """
 

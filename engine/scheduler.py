@@ -23,8 +23,11 @@ over all branches.
 
 Flow control: a prompt group (``n`` samples) is admitted when the pool can hold its prompt plus a reserve per
 sample and leaves one block of headroom per active branch. Before each step the scheduler checks that every
-branch can get its next slot; if not, it aborts the most recently admitted request (finish ``aborted``,
-``truncated``) until the step fits. Forks also need headroom. Every table is released exactly once when its
+branch can get its next slot; if not, it preempts the most recently admitted request until the step fits:
+its blocks go back to the pool and it waits at the head of the queue to start again from its prompt, with its
+random generator re-seeded, so a preempted sample is the one it would have been (recompute preemption, as in
+vLLM). Only a request that cannot fit even alone is aborted (finish ``aborted``, ``truncated``). Forks also
+need headroom. Every table is released exactly once when its
 request ends, whatever the reason, and the pool is checked for leaks at the end of ``generate``.
 """
 
@@ -98,6 +101,7 @@ class Scheduler:
         self.eos_ids = sorted(engine.vocab.eos_ids)
         self.step_open, self.takeaway_open = engine.step_open_id, engine.takeaway_open_id
         self.steps = 0
+        self.preemptions = 0  # requests sent back to the queue under KV pressure (recomputed later)
         self.step_log: list[tuple[int, float]] = []  # (rows, seconds) per step; rows 0 = a prefill
         self.t0 = time.perf_counter()
         self.requests: list[Request] = []
@@ -131,6 +135,7 @@ class Scheduler:
         try:
             while self.waiting or self.running:
                 t0 = tick()
+                idle = not self.running  # an idle pool always admits the head of the queue
                 admitted = self._admit()
                 if admitted:
                     self._prefill(admitted)
@@ -147,7 +152,7 @@ class Scheduler:
                     self.steps += 1
                     self._reap()
                     self.step_log.append((len(rows), tick() - t0))
-                elif not admitted and self.waiting:
+                elif idle and not admitted and self.waiting:
                     raise RuntimeError("scheduler stalled: nothing running and nothing admissible")
         except BaseException:
             for r in self.requests:
@@ -266,14 +271,32 @@ class Scheduler:
         return last
 
     def _make_room(self) -> list[Branch]:
-        """The rows of the next step, after aborting the newest requests until every row has a slot."""
+        """The rows of the next step, after preempting the newest requests until every row has a slot."""
         while True:
             rows = [b for r in self.running for b in r.active]
             need = sum(1 for b in rows if b.table.needs_block())
             if need <= self.pool.num_free:
                 return rows
-            self._finish(self.running[-1], "aborted")
-            self._reap()
+            if len(self.running) > 1:
+                self._preempt(self.running.pop())
+            else:  # alone and still too big for the pool: nothing to wait for
+                self._finish(self.running[-1], "aborted")
+                self._reap()
+
+    def _preempt(self, req: Request) -> None:
+        """Give back the request's blocks and queue it, first, to start over from its prompt."""
+        self._finish(req, "")
+        req.done, req.t_end = False, 0.0
+        req.graph = ExecutionGraph(self.engine.tokenizer, req.prompt, constraints=self.engine.constraints,
+                                   layout=req.graph.layout_kind)
+        if req.generator is not None:
+            req.generator.manual_seed(int(self.params.seed) + req.index)
+        req.tables, req.branches = [], []
+        req.total = req.num_forks = req.decode_steps = req.n_found = 0
+        req.last_step = -1
+        req.blocks_held = req.peak_blocks = 0
+        self.preemptions += 1
+        self.waiting.appendleft([req])
 
     # -- one step ------------------------------------------------------------------------------------------
     def _forward_decode(self, rows: list[Branch]) -> torch.Tensor:
