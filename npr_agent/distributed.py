@@ -39,7 +39,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .algorithms import Prepared, RolloutInfo, merge_metrics
-from .policy import Sample, build_batch, token_logprobs
+from .policy import Sample, build_batch, sft_loss, token_logprobs
 
 STRATEGIES = ("ddp", "fsdp2")
 
@@ -349,6 +349,33 @@ def _idle_loss(model: nn.Module, device) -> torch.Tensor:
     return token_logprobs(model, batch).sum() * 0.0
 
 
+def sft_update(model: nn.Module, samples: Sequence[Sample], optimizer, *, micro_batch_size: int, grad_clip: float,
+               device=None, dist: Dist = LOCAL) -> dict[str, float]:
+    """One SFT step on this rank's ``samples``: mean NLL over the global batch's loss tokens.
+
+    The samples are sorted by length and cut into micro-batches of ``micro_batch_size`` rows (0: one), each
+    trimmed to its own longest row, so short samples are not padded to the longest of the batch; the gradient
+    is the full batch's (each micro-batch loss is normalised by the global token count).
+    """
+    samples = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.token_ids))
+    batch = build_batch(samples, device=device, train_forced=True)
+    n_local = batch.num_loss_tokens
+    n = dist.sum(n_local)  # Σ|y| over the global batch
+    mbs = batch.split(micro_batch_size) if micro_batch_size else [batch]
+    steps = dist.max(len(mbs)) if _fsdp_units(model) else len(mbs)
+    total = 0.0
+    for i in range(steps):
+        with dist.grad_sync(model, enabled=i == steps - 1):
+            loss = sft_loss(model, mbs[i], num_tokens=n) if i < len(mbs) else _idle_loss(model, device)
+            dist.backward(loss)  # x world size: DDP / FSDP2 average gradients
+            total += float(loss.detach())
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss/sft": total, "policy/grad_norm": float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn),
+            "tokens": float(n_local), "rows": float(batch.batch_size)}
+
+
 def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tensor, optimizer, *,
                   micro_batch_size: int, grad_clip: float, temperature: float = 1.0, device=None,
                   dist: Dist = LOCAL) -> dict[str, float]:
@@ -360,8 +387,9 @@ def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tens
     """
     from engine.orchestration import training_sample
 
-    samples = [training_sample(r) for r in kept]
-    adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)
+    order = sorted(range(len(kept)), key=lambda i: len(kept[i].prompt_ids) + len(kept[i].token_ids))
+    samples = [training_sample(kept[i]) for i in order]  # length-sorted: each micro-batch pads to its own longest
+    adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)[torch.as_tensor(order, dtype=torch.long)]
     local = bool(samples) and float(adv.abs().sum()) > 0
     if not dist.any(local):  # nothing to learn from on any rank: no optimizer step (the same decision everywhere)
         return {"loss/policy": 0.0, "policy/grad_norm": 0.0, "batch/updated": 0.0}

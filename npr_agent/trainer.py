@@ -17,6 +17,7 @@ exact resume (model, optimizer, scheduler, RNG, step, data position).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -35,9 +36,9 @@ from npr_env.tasks import Problem
 from . import checkpoint as ckpt
 from .algorithms import RolloutInfo, make_algorithm
 from .config import RLConfig, SFTConfig, TrainConfig
-from .distributed import LOCAL, Dist, policy_update, unwrap
+from .distributed import LOCAL, Dist, policy_update, sft_update, unwrap
 from .logger import RunLogger, plot_summary, postfix, progress
-from .policy import Sample, build_batch, sft_loss
+from .policy import Sample
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
 
@@ -56,6 +57,11 @@ class EvalResult:
     total_tokens: float
     critical_path: float
     n: int
+    mode: str = "parallel"  # the engine mode it was decoded in
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalResult:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
     def scalars(self, prefix: str = "eval") -> dict[str, float]:
         return {f"accuracy/{prefix}": self.accuracy, f"{prefix}/valid_rate": self.valid_rate,
@@ -259,18 +265,13 @@ class NPRTrainer:
         bar.update(start)
         for step in range(start, cfg.steps):
             t0 = time.time()
-            batch = build_batch(self.dist.shard(data(step)), device=self.device, train_forced=True)
-            n = batch.num_loss_tokens
-            loss = sft_loss(model, batch, num_tokens=self.dist.sum(n))  # Σ|y| over the global batch
-            self.dist.backward(loss)  # x world size: DDP / FSDP2 average gradients
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            u = sft_update(model, self.dist.shard(data(step)), opt, micro_batch_size=cfg.micro_batch_size,
+                           grad_clip=cfg.grad_clip, device=self.device, dist=self.dist)
             sched.step()
             dt = time.time() - t0
-            m = {"loss/sft": loss.item(), "policy/grad_norm": float(gn), "charts/lr": sched.get_last_lr()[0],
-                 "perf/tokens_per_s": n / max(dt, 1e-9)}
-            m = self.dist.reduce_metrics(m, weight=batch.batch_size)
+            m = {"loss/sft": u["loss/sft"], "policy/grad_norm": u["policy/grad_norm"],
+                 "charts/lr": sched.get_last_lr()[0], "perf/tokens_per_s": u["tokens"] / max(dt, 1e-9)}
+            m = self.dist.reduce_metrics(m, weight=u["rows"])
             if step % self.cfg.log_every == 0 or step == cfg.steps - 1:
                 self.logger.log(stage, step, m)
             bar.set_postfix(postfix(m))
@@ -328,9 +329,8 @@ class NPRTrainer:
         model = self.seed_model()
         self._add_tags(model)
         steps = min(cfg.steps, max(1, cfg.epochs_cap * len(samples) // cfg.batch_size))
-        sft_cfg = SFTConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
-                            min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                            checkpoint_every=cfg.checkpoint_every)
+        sft_cfg = SFTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig)})
+        sft_cfg.steps = steps
 
         def data(step: int) -> list[Sample]:
             rng = random.Random(self.cfg.seed * 104729 + step)
@@ -422,13 +422,14 @@ class NPRTrainer:
         bar = progress(cfg.steps, stage, disable=not self.show_progress)
         bar.update(start)
         if start == 0:
-            self.logger.log(stage, 0, self.evaluate(model, stage, mode=cfg.mode, log=False).scalars())
+            self.logger.log(stage, 0, self.start_eval(stage, model, cfg.mode).scalars())
         for step in range(start, cfg.steps):
             m = self.rl_step(stage, step, model, engine, algo, opt, cfg)
             if m["batch/updated"]:
                 sched.step()
                 self.sync_engine(engine, model)
-            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step < cfg.steps - 1:  # the stage's own
+                # final eval (run_stage*) is logged at the last step
                 m.update(self.evaluate(model, stage, mode=cfg.mode, log=False).scalars())
             self.logger.log(stage, step + 1, m)
             bar.set_postfix(postfix(m))
@@ -478,6 +479,15 @@ class NPRTrainer:
         return self.dist.reduce_metrics(m, weight=len(rollouts))
 
     # -- evaluation ------------------------------------------------------------------------------------------
+    def start_eval(self, stage: str, model, mode: str) -> EvalResult:
+        """The held-out eval of the weights an RL stage starts from: the previous stage's final eval when it
+        was decoded in the same mode (stage1 starts from stage0's weights, stage3 from stage2's), else a new one."""
+        prev = {"stage1": "stage0" if self.cfg.model.path is None else None, "stage3": "stage2"}.get(stage)
+        entry = self.summary.get(prev, {}).get("eval") if prev else None
+        if entry and entry.get("mode") == mode and entry.get("n") == len(self.eval_problems):
+            return EvalResult.from_dict(entry)
+        return self.evaluate(model, stage, mode=mode, log=False)
+
     @torch.no_grad()
     def evaluate(self, model, stage: str, mode: str, log: bool = True) -> EvalResult:
         """Held-out accuracy (greedy by default) with parallel stats, in the stage's decoding mode."""
@@ -497,7 +507,7 @@ class NPRTrainer:
             speedup_ideal=st["parallel/speedup_ideal"],
             total_tokens=float(np.mean([r.graph.stats.total_tokens for r in rollouts])),
             critical_path=float(np.mean([r.graph.stats.critical_path_tokens for r in rollouts])),
-            n=len(problems),
+            n=len(problems), mode=mode,
         )
         if log:
             self.logger.log(stage, self.logger.last_step.get(stage, 0), res.scalars())  # at the stage's last step
