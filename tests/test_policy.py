@@ -190,6 +190,23 @@ def test_sft_loss_is_mean_nll_and_accumulates_exactly():
         torch.testing.assert_close(p.grad, full[k], atol=1e-6, rtol=1e-4, msg=k)
 
 
+def test_sft_update_length_sorted_micro_batches_give_the_full_batch_step():
+    """sft_update sorts by length and trims each micro-batch: the loss and the updated weights are the same."""
+    from npr_agent.distributed import sft_update
+
+    samples = [Sample.from_graph(g) for g in graphs()] * 2
+    after = []
+    for mbs in (0, 2):
+        model = tiny_model(seed=3)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        m = sft_update(model, samples, opt, micro_batch_size=mbs, grad_clip=1e9)
+        after.append((m["loss/sft"], [p.detach().clone() for p in model.parameters()]))
+    assert abs(after[0][0] - after[1][0]) < 1e-5
+    for a, b in zip(after[0][1], after[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
