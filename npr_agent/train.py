@@ -95,6 +95,8 @@ class DistributedNPRTrainer(NPRTrainer):
             inner = _SavesStateDict(inner, self.dist.full_state_dict(inner))
         if self.dist.is_main:
             super()._finish_stage(stage, inner, result, extra)
+        elif result is not None:  # every rank evaluated the same; all must agree on reusing it (start_eval)
+            self.summary[stage] = {"eval": result.__dict__, **(extra or {})}
         self.dist.barrier()  # the next stage loads what rank 0 just wrote
 
     def evaluate(self, model, stage: str, mode: str, log: bool = True):
