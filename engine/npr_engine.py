@@ -76,14 +76,6 @@ class NPREngine:
         self.step_open_id = self.vocab.id_of[STEP_OPEN]
         self.takeaway_open_id = self.vocab.id_of[TAKEAWAY_OPEN]
         self.last_stats: dict = {}
-        self._number_cache: dict[str, tuple[int, ...]] = {}
-
-    def number_ids(self, number: str) -> tuple[int, ...]:
-        """Token ids forced after ``<step>`` in the child for plan ``number``: the tokens of ``"N:"``."""
-        ids = self._number_cache.get(number)
-        if ids is None:
-            ids = self._number_cache[number] = tuple(self.tokenizer.encode(f"{number}:", add_special_tokens=False))
-        return ids
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams | None = None,
                  mode: str = "parallel") -> list[Rollout]:

@@ -169,14 +169,6 @@ class OrchestratedEngine:
         self.step_open, self.step_close = ids[STEP_OPEN], ids[STEP_CLOSE]
         self.takeaway_open, self.guideline_close = ids[TAKEAWAY_OPEN], ids[GUIDELINE_CLOSE]
         self.last_stats: dict = {}
-        self._number_cache: dict[str, tuple[int, ...]] = {}
-
-    def number_ids(self, number: str) -> tuple[int, ...]:
-        """Ids forced after ``<step>`` in the child for plan ``number``: the tokens of ``"N:"`` (as the native engine)."""
-        ids = self._number_cache.get(number)
-        if ids is None:
-            ids = self._number_cache[number] = tuple(self.tokenizer.encode(f"{number}:", add_special_tokens=False))
-        return ids
 
     def load_weights(self, state_dict: dict, **kw) -> None:
         """Hand new policy weights to the backend (``backend.load_weights``)."""
@@ -356,7 +348,7 @@ class _Driver:
         numbers = b.cursor.step_numbers()
         cursors = b.cursor.fork()
         b.children = [_Branch(run, cc, list(b.ctx), parent=b, path_len=b.path_len,
-                              pending=[self.eng.step_open, *self.eng.number_ids(num)])
+                              pending=[self.eng.step_open, *self.eng.vocab.step_number_ids(num)])
                       for num, cc in zip(numbers, cursors)]
         b.n_done = 0
         i = run.active.index(b)

@@ -87,7 +87,15 @@ class TagVocab:
         self.tag_of = {i: t for t, i in self.id_of.items()}
         self.eos_ids = frozenset(i for i in [tokenizer.eos_token_id] if i is not None)
         self._ws: dict[int, bool] = {}
+        self._numbers: dict[str, tuple[int, ...]] = {}
         self.size = len(tokenizer)
+
+    def step_number_ids(self, number: str) -> tuple[int, ...]:
+        """The ids an engine forces after ``<step>`` in the branch of plan ``number``: the tokens of ``"N:"``."""
+        ids = self._numbers.get(number)
+        if ids is None:
+            ids = self._numbers[number] = tuple(self.tokenizer.encode(f"{number}:", add_special_tokens=False))
+        return ids
 
     def is_ws(self, tid: int) -> bool:
         ws = self._ws.get(tid)
