@@ -107,16 +107,11 @@ class Scheduler:
         self.requests: list[Request] = []
         self.waiting: deque[list[Request]] = deque()
         self.running: list[Request] = []
-        layout = "parallel" if mode == "parallel" else "sequential"
+        self.layout = "parallel" if mode == "parallel" else "sequential"
         for pi, prompt in enumerate(prompts):
             group = []
             for si in range(params.n):
-                idx = len(self.requests)
-                gen = None
-                if params.seed is not None:
-                    gen = torch.Generator(device=self.device).manual_seed(int(params.seed) + idx)
-                graph = ExecutionGraph(engine.tokenizer, prompt, constraints=engine.constraints, layout=layout)
-                req = Request(idx, pi, si, prompt, graph, gen)
+                req = self._request(len(self.requests), pi, si, prompt)
                 self.requests.append(req)
                 group.append(req)
             self.waiting.append(group)
@@ -128,6 +123,14 @@ class Scheduler:
         if params.uses_penalty:
             self.presence = torch.zeros(64, self.runner.head_w.shape[0], dtype=torch.bool, device=self.device)
             self._free_rows = list(range(63, -1, -1))
+
+    def _request(self, index: int, prompt_index: int, sample_index: int, prompt: list[int]) -> Request:
+        """A fresh request: an empty graph, and a generator seeded from ``params.seed`` and its index."""
+        gen = None
+        if self.params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(int(self.params.seed) + index)
+        graph = ExecutionGraph(self.engine.tokenizer, prompt, constraints=self.engine.constraints, layout=self.layout)
+        return Request(index, prompt_index, sample_index, prompt, graph, gen)
 
     # -- main loop ---------------------------------------------------------------------------------------
     def run(self) -> list[Rollout]:
@@ -284,19 +287,12 @@ class Scheduler:
                 self._reap()
 
     def _preempt(self, req: Request) -> None:
-        """Give back the request's blocks and queue it, first, to start over from its prompt."""
+        """Give back the request's blocks and queue a fresh copy of it, first, to start over from its prompt."""
         self._finish(req, "")
-        req.done, req.t_end = False, 0.0
-        req.graph = ExecutionGraph(self.engine.tokenizer, req.prompt, constraints=self.engine.constraints,
-                                   layout=req.graph.layout_kind)
-        if req.generator is not None:
-            req.generator.manual_seed(int(self.params.seed) + req.index)
-        req.tables, req.branches = [], []
-        req.total = req.num_forks = req.decode_steps = req.n_found = 0
-        req.last_step = -1
-        req.blocks_held = req.peak_blocks = 0
+        fresh = self._request(req.index, req.prompt_index, req.sample_index, req.prompt)
+        self.requests[req.index] = fresh
         self.preemptions += 1
-        self.waiting.appendleft([req])
+        self.waiting.appendleft([fresh])
 
     # -- one step ------------------------------------------------------------------------------------------
     def _forward_decode(self, rows: list[Branch]) -> torch.Tensor:
@@ -472,7 +468,7 @@ class Scheduler:
             if self.presence is not None:
                 c.row = self._alloc_row()
                 self.presence[c.row] = self.presence[b.row]
-            c.forced = list(self.engine.number_ids(num))
+            c.forced = list(self.engine.vocab.step_number_ids(num))
             children.append(c)
         b.children, b.n_done = children, 0
         i = req.active.index(b)
