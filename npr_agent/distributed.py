@@ -357,8 +357,7 @@ def sft_update(model: nn.Module, samples: Sequence[Sample], optimizer, *, micro_
     trimmed to its own longest row, so short samples are not padded to the longest of the batch; the gradient
     is the full batch's (each micro-batch loss is normalised by the global token count).
     """
-    samples = sorted(samples, key=lambda s: len(s.prompt_ids) + len(s.token_ids))
-    batch = build_batch(samples, device=device, train_forced=True)
+    batch = build_batch(samples, device=device, train_forced=True).by_length()
     n_local = batch.num_loss_tokens
     n = dist.sum(n_local)  # Σ|y| over the global batch
     mbs = batch.split(micro_batch_size) if micro_batch_size else [batch]
@@ -387,9 +386,8 @@ def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tens
     """
     from engine.orchestration import training_sample
 
-    order = sorted(range(len(kept)), key=lambda i: len(kept[i].prompt_ids) + len(kept[i].token_ids))
-    samples = [training_sample(kept[i]) for i in order]  # length-sorted: each micro-batch pads to its own longest
-    adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)[torch.as_tensor(order, dtype=torch.long)]
+    samples = [training_sample(r) for r in kept]
+    adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)
     local = bool(samples) and float(adv.abs().sum()) > 0
     if not dist.any(local):  # nothing to learn from on any rank: no optimizer step (the same decision everywhere)
         return {"loss/policy": 0.0, "policy/grad_norm": 0.0, "batch/updated": 0.0}
@@ -401,7 +399,7 @@ def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tens
             raise ValueError("an orchestrated rollout's context-only rows would enter the loss (train_forced=True); "
                              "build_batch must honour ScoredSample.scored")
     n = dist.sum(batch.num_loss_tokens if batch is not None else 0)  # Σ|y| over the global batch
-    mbs = batch.split(micro_batch_size) if batch is not None else []
+    mbs = batch.by_length().split(micro_batch_size) if batch is not None else []  # adv[mb.index] follows the rows
     # FSDP2 gathers weights in every forward: every rank runs as many micro-batches as the busiest one
     steps = dist.max(len(mbs)) if _fsdp_units(model) else max(len(mbs), 1)
     parts, mismatch, ent_sum, gn = [], 0.0, 0.0, torch.zeros(())

@@ -107,6 +107,13 @@ class TokenBatch:
                     sub[k] = v[:, :t]
         return TokenBatch(**sub)
 
+    def by_length(self) -> TokenBatch:
+        """The rows shortest first (stable); ``index`` keeps each row's place, so per-row data can follow it.
+
+        Split after this and every micro-batch is padded only to its own longest row.
+        """
+        return self.select(torch.argsort(self.valid.sum(1), stable=True), trim=None)
+
     def split(self, micro_batch_size: int, trim: int | None = 8) -> list[TokenBatch]:
         """Consecutive micro-batches of at most ``micro_batch_size`` rows (see :meth:`select`)."""
         if micro_batch_size <= 0:

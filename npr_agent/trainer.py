@@ -329,8 +329,7 @@ class NPRTrainer:
         model = self.seed_model()
         self._add_tags(model)
         steps = min(cfg.steps, max(1, cfg.epochs_cap * len(samples) // cfg.batch_size))
-        sft_cfg = SFTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig)})
-        sft_cfg.steps = steps
+        sft_cfg = SFTConfig(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig)}, "steps": steps})
 
         def data(step: int) -> list[Sample]:
             rng = random.Random(self.cfg.seed * 104729 + step)
