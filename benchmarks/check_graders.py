@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from npr_env.schema import last_boxed
-from npr_env.tasks import Problem
+from npr_env.tasks import Problem, iter_rows
 from npr_env.verify import verify_many
 
 from . import registry
@@ -53,7 +53,7 @@ def check(name: str, path: Path, timeout: float = 10.0, fast: bool = True) -> di
     """Rate of reference solutions the verifier accepts for one benchmark file."""
     bench = registry.get(name)
     problems = registry.load(name, source=path)
-    raw_rows = [row for _, row in registry.read_rows(path)] if bench.kind == "math" else [None] * len(problems)
+    raw_rows = [row for _, row in iter_rows(path, what="problems")] if bench.kind == "math" else [None] * len(problems)
     preds, golds, kept, kinds = [], [], [], {}
     skipped = 0
     for p, row in zip(problems, raw_rows):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -264,11 +264,6 @@ def generate_zebra(limit: int | None = None, seed: int = 0, size: int | None = N
     return out
 
 
-def read_rows(path: Path) -> Iterator[tuple[str, object]]:
-    """``(where, row)`` for each row of a JSON list or a JSONL file; errors name the file and line."""
-    return iter_rows(path, what="puzzles")
-
-
 def _grid_answer(solution, where: str) -> dict[str, dict[str, str]]:
     """ZebraLogicBench ``solution = {header: ["House", "Name", ...], rows: [["1", "Arnold", ...], ...]}`` as
     ``{"House 1": {"Name": "Arnold", ...}, ...}``."""
@@ -324,7 +319,7 @@ def zebra_problem(row, where: str, index: int) -> Problem:
 def load_zebra_file(path: str | Path, limit: int | None = None) -> list[Problem]:
     """ZebraLogic puzzles from a JSON/JSONL file in any of the schemas of :func:`zebra_problem`."""
     out = []
-    for where, row in read_rows(Path(path)):
+    for where, row in iter_rows(path, what="puzzles"):
         if limit is not None and len(out) >= limit:
             break
         out.append(zebra_problem(row, where, len(out)))
@@ -398,5 +393,5 @@ def _grid_correct(pred: str, gold: dict[str, dict[str, str]]) -> bool:
 
 
 __all__ = ["BENCHMARKS", "PAPER_ORDER", "Benchmark", "HFSource", "default_data_dir", "generate_zebra", "get",
-           "grade_zebra", "hf_online", "load", "load_zebra_file", "parse_names", "read_rows", "resolve_source",
+           "grade_zebra", "hf_online", "load", "load_zebra_file", "parse_names", "resolve_source",
            "zebra_problem"]
