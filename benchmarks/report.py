@@ -153,10 +153,15 @@ def plot_accuracy(result: dict, path: str | Path) -> Path:
         ax.set_ylim(0, 105)
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
+    return _save_figure(fig, result, path)
+
+
+def _save_figure(fig, result: dict, path) -> Path:
+    """Title a figure with the model and hardware, write it as a PNG and free it."""
     fig.suptitle(f"{result['meta']['model_name']} · {result['meta']['hardware_short']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return Path(path)
 
 
@@ -217,11 +222,7 @@ def plot_speedup(result: dict, records: dict[str, list[SampleRecord]], path: str
         ax.text(0.5, 0.5, "no sequential run\n(use --compare-sequential)", ha="center", va="center")
         ax.set_axis_off()
     ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{result['meta']['model_name']} · {result['meta']['hardware_short']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, result, path)
 
 
 __all__ = ["DEFINITIONS", "markdown", "paired_speedups", "plot_accuracy", "plot_speedup", "write_json",
