@@ -121,12 +121,15 @@ def plot_summary(metrics_path: str | Path, out_png: str | Path) -> Path:
     for ax, (title, curves) in zip(axes.flat, SUMMARY_PANELS):
         for key, label in curves:
             held = label == "held-out"
-            for s in stages:
+            for i, s in enumerate(stages):
                 pts = [(x(r), r[key]) for r in rows if r["stage"] == s and key in r]
                 if pts:
                     xs, ys = zip(*pts)
+                    # An RL stage's step-0 eval repeats the previous stage's last one at the boundary: draw
+                    # earlier stages on top so that point keeps the colour of the stage that produced it.
                     ax.plot(xs, ys, color=colors[s], ls="--" if held else "-", marker="o" if held else None,
-                            ms=4, lw=1.6 if held else 1.0, alpha=1.0 if held else 0.8)
+                            ms=4, lw=1.6 if held else 1.0, alpha=1.0 if held else 0.8,
+                            zorder=3 + len(stages) - i if held else 2)
         for s in stages:
             ax.axvline(offsets[s], color="#cccccc", lw=0.8, ls=":")
             ax.text(offsets[s] + 0.02, 1.0, f"{s} ({span[s]} steps)", transform=ax.get_xaxis_transform(),
