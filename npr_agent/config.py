@@ -115,6 +115,11 @@ class Stage2Config(SFTConfig):
     # 256 problems (~245 kept): stage 2 is data-limited (~0.95 held-out) and PAPO's fresh on-policy samples
     # add to it; with 1024 it reaches ~0.99 and PAPO has nothing left to fix (docs/results.md).
     num_problems: int = 256
+    # While fewer than `target_kept` trajectories are kept, rejection-sample another `num_problems` fresh
+    # problems, at most `max_problems` in all: a weak stage-1 model (seed 3 kept 126 of 256) still gives
+    # stage 2 enough data. 0: one batch only.
+    target_kept: int = 200
+    max_problems: int = 1024
     tries: int = 8  # samples per problem; the first correct and format-perfect one is kept
     tries_per_round: int = 2  # drawn per open problem per round (problems solved early cost no more samples)
     temperature: float = 1.0
@@ -186,7 +191,7 @@ def preset(name: str) -> TrainConfig:
             stage1=Stage1Config(steps=200, prompts_per_step=32, group_size=16, lr=1e-6, lr_schedule="cosine",
                                 max_new_tokens=30000, algorithm_args={"clip_low": 0.2, "clip_high": 0.28}),
             stage2=Stage2Config(num_problems=8000, tries=8, max_new_tokens=30000, steps=1000, batch_size=8,
-                                lr=1e-6, warmup_ratio=0.05, epochs_cap=1, fill_from_solutions=False),
+                                lr=1e-6, warmup_ratio=0.05, epochs_cap=1, target_kept=0, fill_from_solutions=False),
             stage3=Stage3Config(steps=200, prompts_per_step=16, group_size=16, lr=1e-7, max_new_tokens=30000),
             eval=EvalConfig(temperature=1.0, top_p=0.7, max_new_tokens=30000),
         )

@@ -348,38 +348,29 @@ class NPRTrainer:
         """Up to ``tries`` samples per problem; keep the first correct one whose strict format score is 0.
 
         Tries are drawn in rounds (``tries_per_round`` per open problem), so a problem solved early costs no
-        more samples; the result is the same as drawing all tries and keeping the first good one.
+        more samples; the result is the same as drawing all tries and keeping the first good one. Problems come
+        in batches of ``num_problems``; further batches are drawn while fewer than ``target_kept`` are kept
+        (at most ``max_problems`` problems in all).
         """
         engine = self.engine(model)
-        problems = self.problems("stage2", 0, cfg.num_problems)
-        kept: dict[int, tuple[list[int], list[int]]] = {}
-        n_valid = n_correct = n_drawn = 0
-        bar = progress(len(problems), "stage2 rejection sampling", disable=not self.show_progress)
+        counts = {"valid": 0, "correct": 0, "drawn": 0}
         t0 = time.time()
-        per_round = max(1, min(cfg.tries, cfg.tries_per_round))
-        for start in range(0, cfg.tries, per_round):
-            k = min(per_round, cfg.tries - start)
-            open_ids = [i for i in range(len(problems)) if i not in kept]
-            for c in range(0, len(open_ids), max(1, 64 // k)):
-                ids = open_ids[c:c + max(1, 64 // k)]
-                prompts = [self.prompt_ids(problems[i]) for i in ids for _ in range(k)]
-                params = self.sampling(cfg.temperature, 1.0, 0, cfg.max_new_tokens,
-                                       seed=self.cfg.seed * 31 + start * 100_003 + c)
-                rollouts = engine.generate(prompts, params, mode="sequential")
-                n_drawn += len(rollouts)
-                for j, i in enumerate(ids):
-                    for r in rollouts[j * k:(j + 1) * k]:
-                        res = R.score("papo", r.graph, problems[i].answer, truncated=r.truncated)
-                        n_valid += res.valid
-                        n_correct += bool(res.correct)
-                        if res.valid and res.correct and not r.truncated:
-                            kept[i] = (list(r.prompt_ids), list(r.token_ids))
-                            bar.update(1)
-                            break
-                bar.set_postfix(kept=len(kept), drawn=n_drawn)
-        bar.close()
-        kept_for = set(kept)
-        kept = [kept[i] for i in sorted(kept)]
+        problems: list[Problem] = []
+        kept: list[tuple[list[int], list[int]]] = []
+        kept_for: set[int] = set()  # indices into `problems`
+        while True:
+            batch = self.problems("stage2", len(problems) // max(1, cfg.num_problems), cfg.num_problems)
+            batch = batch[: max(0, max(cfg.max_problems, cfg.num_problems) - len(problems))]
+            if not batch:
+                break
+            got = self._reject_batch(engine, batch, cfg, len(problems) // max(1, cfg.num_problems), counts)
+            kept += [got[i] for i in sorted(got)]
+            kept_for |= {len(problems) + i for i in got}
+            problems += batch
+            if len(kept) >= cfg.target_kept:
+                break
+            print(f"[stage2] rejection sampling kept {len(kept)} of {len(problems)} problems; below "
+                  f"target_kept={cfg.target_kept}, sampling {cfg.num_problems} more")
         sampled = len(kept)
         if cfg.fill_from_solutions and sampled < cfg.min_kept:
             eos = [self.tokenizer.eos_token_id]
@@ -391,13 +382,43 @@ class NPRTrainer:
                     kept.append((self.prompt_ids(p), resp))
             print(f"[stage2] rejection sampling kept {sampled}; added {len(kept) - sampled} worked solutions "
                   f"to reach min_kept={cfg.min_kept}")
-        total = max(1, n_drawn)
+        total = max(1, counts["drawn"])
         self.logger.log("stage2", 0, {"rejection/kept_rate": sampled / max(1, len(problems)),
-                                      "rejection/samples_drawn": n_drawn,
+                                      "rejection/problems": len(problems),
+                                      "rejection/samples_drawn": counts["drawn"],
                                       "rejection/from_solutions": len(kept) - sampled,
-                                      "rejection/valid_rate": n_valid / total,
-                                      "rejection/correct_rate": n_correct / total,
+                                      "rejection/valid_rate": counts["valid"] / total,
+                                      "rejection/correct_rate": counts["correct"] / total,
                                       "perf/rollout_s": time.time() - t0})
+        return kept
+
+    def _reject_batch(self, engine, problems: list[Problem], cfg, batch_index: int,
+                      counts: dict[str, int]) -> dict[int, tuple[list[int], list[int]]]:
+        """One batch of rejection sampling: {index in `problems`: (prompt ids, response ids)} of those kept."""
+        kept: dict[int, tuple[list[int], list[int]]] = {}
+        bar = progress(len(problems), "stage2 rejection sampling", disable=not self.show_progress)
+        per_round = max(1, min(cfg.tries, cfg.tries_per_round))
+        for start in range(0, cfg.tries, per_round):
+            k = min(per_round, cfg.tries - start)
+            open_ids = [i for i in range(len(problems)) if i not in kept]
+            for c in range(0, len(open_ids), max(1, 64 // k)):
+                ids = open_ids[c:c + max(1, 64 // k)]
+                prompts = [self.prompt_ids(problems[i]) for i in ids for _ in range(k)]
+                params = self.sampling(cfg.temperature, 1.0, 0, cfg.max_new_tokens,
+                                       seed=self.cfg.seed * 31 + start * 100_003 + c + batch_index * 7_919_993)
+                rollouts = engine.generate(prompts, params, mode="sequential")
+                counts["drawn"] += len(rollouts)
+                for j, i in enumerate(ids):
+                    for r in rollouts[j * k:(j + 1) * k]:
+                        res = R.score("papo", r.graph, problems[i].answer, truncated=r.truncated)
+                        counts["valid"] += res.valid
+                        counts["correct"] += bool(res.correct)
+                        if res.valid and res.correct and not r.truncated:
+                            kept[i] = (list(r.prompt_ids), list(r.token_ids))
+                            bar.update(1)
+                            break
+                bar.set_postfix(kept=len(kept), drawn=counts["drawn"])
+        bar.close()
         return kept
 
     # -- stage 3: NPR ----------------------------------------------------------------------------------------

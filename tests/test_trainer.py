@@ -59,6 +59,25 @@ def test_rl_resume_gives_the_same_batch_and_loss(tmp_path):
         assert a[3][key] == pytest.approx(b[3][key], abs=1e-6), key
 
 
+def test_rejection_sampling_draws_more_problems_until_target_kept(tmp_path):
+    """Below `target_kept`, stage 2 samples further batches of fresh problems, up to `max_problems`."""
+    cfg = tiny_cfg()
+    cfg.stage2.num_problems, cfg.stage2.tries, cfg.stage2.max_new_tokens = 4, 1, 16
+    cfg.stage2.fill_from_solutions = False
+    t = NPRTrainer(cfg, tmp_path / "run", show_progress=False)
+    model = t.fresh_model()  # untrained: it keeps nothing, so every allowed batch is drawn
+
+    def problems_drawn(target: int, cap: int) -> int:
+        cfg.stage2.target_kept, cfg.stage2.max_problems = target, cap
+        assert t.rejection_sample(model, cfg.stage2) == []
+        return int(rows(tmp_path / "run", "stage2")[0]["rejection/problems"])
+
+    assert problems_drawn(0, 12) == 4  # one batch
+    assert problems_drawn(1, 12) == 12  # three batches of 4, then the cap
+    assert problems_drawn(1, 10) == 10  # the last batch is cut at the cap
+    assert problems_drawn(1, 2) == 4  # the cap never cuts the first batch
+
+
 @pytest.mark.slow
 def test_smoke_run_all_stages(tmp_path):
     """`npr train --smoke`: every stage runs, writes checkpoints, curves and the summary picture."""
