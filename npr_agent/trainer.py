@@ -18,6 +18,7 @@ exact resume (model, optimizer, scheduler, RNG, step, data position).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -358,12 +359,12 @@ class NPRTrainer:
         problems: list[Problem] = []
         kept: list[tuple[list[int], list[int]]] = []
         kept_for: set[int] = set()  # indices into `problems`
-        while True:
-            batch = self.problems("stage2", len(problems) // max(1, cfg.num_problems), cfg.num_problems)
-            batch = batch[: max(0, max(cfg.max_problems, cfg.num_problems) - len(problems))]
+        cap = max(cfg.max_problems, cfg.num_problems)  # the first batch is never cut
+        for b in itertools.count():
+            batch = self.problems("stage2", b, cfg.num_problems)[: cap - len(problems)]
             if not batch:
                 break
-            got = self._reject_batch(engine, batch, cfg, len(problems) // max(1, cfg.num_problems), counts)
+            got = self._reject_batch(engine, batch, cfg, b, counts)
             kept += [got[i] for i in sorted(got)]
             kept_for |= {len(problems) + i for i in got}
             problems += batch
