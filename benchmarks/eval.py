@@ -4,8 +4,9 @@
         --data-dir ../shared/benchmarks --limit 8 --compare-sequential --out runs/eval/tiny
 
 It loads the model (a checkpoint directory, or an HF model id when online), builds the chat prompt of each
-problem (the NPR instruction appended to the user turn; off by default for the shipped char-level tokenizer,
-which tiny models are trained on without it), samples k responses per problem with the engine in parallel (or
+problem with ``npr_env.prompts`` and the settings the checkpoint was trained with (its ``npr_prompt.json``;
+without one: the NPR instruction appended to the user turn, Qwen3's thinking off, and no instruction for the
+shipped char-level tokenizer, which tiny models are trained on without it), samples k responses per problem with the engine in parallel (or
 sequential) mode, grades them with each benchmark's checker (``benchmarks.registry``), and writes to ``--out``:
 
 * ``results.json``: settings, hardware, per benchmark and overall metrics per mode, speedups;
@@ -38,11 +39,13 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from npr_env.prompts import PromptConfig, load_prompt_config, prompt_ids
 from npr_env.rewards import format_score
 from npr_env.tasks import Problem
 from npr_env.verify import extract_answer
@@ -100,12 +103,14 @@ def is_char_tokenizer(tokenizer) -> bool:
         return False
 
 
-def prompt_ids(tokenizer, problem: Problem, instruction: bool) -> list[int]:
-    """The chat prompt (user turn = question [+ NPR instruction], generation prompt, thinking off)."""
-    msgs = [{"role": "user", "content": problem.prompt(instruction=instruction)}]
-    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False,
-                                        enable_thinking=False)
-    return [int(t) for t in ids]
+def prompt_config(model: str, tokenizer, instruction: bool | None) -> PromptConfig:
+    """The prompt settings: the checkpoint's own (``npr_prompt.json``, written by the trainer), else the paper's
+    (instruction on, Qwen3's thinking off; instruction off for the shipped char tokenizer); ``instruction``
+    (the command-line flag) overrides."""
+    saved = load_prompt_config(model) if Path(model).is_dir() else None
+    if saved is None:
+        saved = PromptConfig(instruction=not is_char_tokenizer(tokenizer), chat_kwargs={"enable_thinking": False})
+    return saved if instruction is None else replace(saved, instruction=instruction)
 
 
 # -- one benchmark in one mode ------------------------------------------------------------------------------
@@ -117,7 +122,6 @@ def run_benchmark(engine, bench: registry.Benchmark, problems: list[Problem], pr
     Problems go to the engine ``batch_size`` at a time (each with its n samples); chunk ``c`` uses seed
     ``params.seed + c``, so the two modes see the same problems, chunks and seeds.
     """
-    from dataclasses import replace
 
     records: list[SampleRecord] = []
     wall = 0.0
@@ -281,12 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # FileNotFoundError included; HF raises OSError for unknown ids
         print(f"error: cannot load the model {args.model!r}: {e}", file=sys.stderr)
         return 2
-    instruction = (not is_char_tokenizer(tok)) if args.instruction is None else args.instruction
+    prompt_cfg = prompt_config(args.model, tok, args.instruction)
+    instruction = prompt_cfg.instruction
     engine = NPREngine(model, tok, block_size=args.block_size, num_blocks=args.num_blocks, max_plans=args.max_plans,
                        max_depth=args.max_depth, min_fork_budget=args.min_fork_budget,
                        stop_on_violation={"auto": None, "on": True, "off": False}[args.stop_on_violation])
     modes = [args.mode] + (["sequential"] if args.compare_sequential and args.mode == "parallel" else [])
-    prompts = {n: [prompt_ids(tok, p, instruction) for p in ps] for n, ps in problems.items()}
+    prompts = {n: [prompt_ids(tok, p, prompt_cfg) for p in ps] for n, ps in problems.items()}
 
     # Warm-up: the first forward of each mode pays one-off costs that would skew the first benchmark's time.
     warm = SamplingParams(max_new_tokens=2, seed=0)
@@ -330,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "hardware": hw_long, "hardware_short": hw_short, "device": str(device),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "instruction": instruction,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "instruction": instruction, "chat_kwargs": prompt_cfg.chat_kwargs,
             "modes": modes, "elapsed_s": 0.0,
             "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                          "max_new_tokens": args.max_new_tokens, "max_total_tokens": args.max_total_tokens,

@@ -107,8 +107,7 @@ def train_step_section(prompts_per_step: int = 8, group_size: int = 8, steps: in
     tasks = ProceduralTasks.level(2, seed=seed)
 
     def prompt(p):
-        return tok.apply_chat_template([{"role": "user", "content": p.prompt(instruction=False)}],
-                                       add_generation_prompt=True, tokenize=True, return_dict=False)
+        return npr_env.prompt_ids(tok, p)
 
     rows: list[dict] = []
     for step in range(steps + 1):  # step 0 warms up and is not counted

@@ -56,9 +56,9 @@ def trl(model_dir: str, steps: int, prompts: int, group: int, max_new: int, thre
     tok = AutoTokenizer.from_pretrained(model_dir)
     npr_env.add_npr_tokens(tok)
     probs = GroupSumTasks(seed=0).sample(prompts * (steps + 1))
-    data = Dataset.from_list([{"prompt": tok.apply_chat_template([{"role": "user", "content": p.question}],
-                                                                 add_generation_prompt=True, tokenize=False),
-                               "answer": p.answer} for p in probs])
+    # the prompt text whose ids are exactly ours (npr_env.prompt_ids): TRL tokenises it again
+    data = Dataset.from_list([{"prompt": tok.decode(npr_env.prompt_ids(tok, p)), "answer": p.answer}
+                              for p in probs])
 
     def reward(completions, answer, **kw):
         return [npr_env.rewards.score("papo", npr_env.parse(c), a).reward for c, a in zip(completions, answer)]

@@ -35,10 +35,15 @@ class PoolExhausted(RuntimeError):
 
 
 class BlockPool:
-    """Fixed-size KV blocks with refcounts. ``num_layers=0`` gives bookkeeping only (for tests, fuzzing)."""
+    """Fixed-size KV blocks with refcounts. ``num_layers=0`` gives bookkeeping only (for tests, fuzzing).
+
+    The K/V tensors can be dropped and allocated again (:meth:`release_storage`, :meth:`ensure_storage`) while
+    no block is referenced: the engine frees its KV memory between rollouts that way.
+    """
 
     def __init__(self, num_blocks: int, block_size: int = 16, num_layers: int = 0, kv_heads: int = 1,
-                 head_dim: int = 1, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 head_dim: int = 1, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 allocate: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -47,13 +52,37 @@ class BlockPool:
         self.fill = [0] * num_blocks  # next free offset in each block
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids are handed out first
         self.peak_used = 0
-        shape = (num_blocks + 1, block_size, kv_heads, head_dim)
+        self._layout = (num_layers, kv_heads, head_dim, dtype, device)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.k_flat: list[torch.Tensor] = []
+        self.v_flat: list[torch.Tensor] = []
+        self.has_storage = False
+        if allocate:  # else: bookkeeping now, tensors at the first ensure_storage()
+            self.ensure_storage()
+        self.bytes_per_block = 2 * num_layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    # -- device storage ----------------------------------------------------------------------------------
+    def ensure_storage(self) -> None:
+        """Allocate the K/V tensors (zeros) if :meth:`release_storage` dropped them; a no-op otherwise."""
+        if self.has_storage:
+            return
+        num_layers, kv_heads, head_dim, dtype, device = self._layout
+        shape = (self.num_blocks + 1, self.block_size, kv_heads, head_dim)
         # zeros, not empty: padded keys read the scratch block, and 0 * NaN would poison a masked softmax
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.k_flat = [t.view(-1, kv_heads, head_dim) for t in self.k]
         self.v_flat = [t.view(-1, kv_heads, head_dim) for t in self.v]
-        self.bytes_per_block = 2 * num_layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        self.has_storage = True
+
+    def release_storage(self) -> None:
+        """Drop the K/V tensors (the block accounting stays). Only while no block is referenced: cached KV is
+        never kept across a release. :meth:`ensure_storage` allocates them again."""
+        if self.num_used:
+            raise KVCacheError(f"release_storage with {self.num_used} KV blocks still referenced")
+        self.k, self.v, self.k_flat, self.v_flat = [], [], [], []
+        self.has_storage = False
 
     # -- accounting -------------------------------------------------------------------------------------
     @property

@@ -19,7 +19,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -33,12 +36,119 @@ from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 
+log = logging.getLogger(__name__)
+
+DEFAULT_CUDA_KV_FRACTION = 0.3  # of the device memory free when the engine is built
+DEFAULT_CPU_KV_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """The KV pool's size and where it came from (``source``: ``num_blocks``, ``kv_cache_bytes``,
+    ``kv_mem_fraction`` or ``default_cpu_bytes``); ``free_bytes`` is the free memory measured for a fraction."""
+
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+    source: str
+    device: str
+    fraction: float | None = None
+    free_bytes: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def num_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    @property
+    def how(self) -> str:
+        """Where the size came from, in words."""
+        if self.fraction is not None:
+            return f"kv_mem_fraction={self.fraction:g} of {self.free_bytes / 2**30:.2f} GiB free on {self.device}"
+        return f"{self.source} on {self.device}"
+
+    def describe(self) -> str:
+        return (f"{self.num_blocks} blocks x {self.block_size} tokens = {self.num_tokens} tokens, "
+                f"{self.num_bytes / 2**30:.3f} GiB ({self.how})")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "num_tokens": self.num_tokens, "num_bytes": self.num_bytes}
+
+
+def free_memory(device: torch.device | str) -> int:
+    """Bytes free on ``device`` now: ``torch.cuda.mem_get_info`` on CUDA, available RAM (psutil, else
+    ``/proc/meminfo`` MemAvailable) on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def size_kv_pool(bytes_per_block: int, block_size: int, device: torch.device | str, *, num_blocks: int | None = None,
+                 kv_cache_bytes: int | None = None, kv_mem_fraction: float | None = None,
+                 free_bytes: int | None = None) -> PoolInfo:
+    """How many KV blocks the pool gets (the rules are in :class:`NPREngine`'s docstring). ``free_bytes``
+    replaces the measured free memory (tests)."""
+    dev = torch.device(device)
+    where = str(dev)
+    if num_blocks is not None:
+        if int(num_blocks) < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        return PoolInfo(int(num_blocks), block_size, bytes_per_block, "num_blocks", where)
+    if kv_cache_bytes is not None:
+        return PoolInfo(max(1, int(kv_cache_bytes) // bytes_per_block), block_size, bytes_per_block,
+                        "kv_cache_bytes", where)
+    if kv_mem_fraction is None and dev.type != "cuda":
+        return PoolInfo(max(1, DEFAULT_CPU_KV_BYTES // bytes_per_block), block_size, bytes_per_block,
+                        "default_cpu_bytes", where)
+    frac = DEFAULT_CUDA_KV_FRACTION if kv_mem_fraction is None else float(kv_mem_fraction)
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"kv_mem_fraction must be in (0, 1], got {kv_mem_fraction}")
+    free = free_memory(dev) if free_bytes is None else int(free_bytes)
+    n = int(free * frac) // bytes_per_block
+    if n < 1:
+        raise ValueError(f"kv_mem_fraction={frac:g} of the {free / 2**30:.3f} GiB free on {where} is "
+                         f"{int(free * frac)} bytes, less than one KV block ({bytes_per_block} bytes); "
+                         "raise kv_mem_fraction or give num_blocks")
+    return PoolInfo(n, block_size, bytes_per_block, "kv_mem_fraction", where, frac, free)
+
 
 class NPREngine:
     """Rollout engine. Config (keyword arguments):
 
-    * ``block_size`` (16): tokens per KV block. ``num_blocks``: pool size; default: as many blocks as fit in
-      ``kv_cache_bytes`` (256 MiB).
+    * ``block_size`` (16): tokens per KV block. The pool size (:func:`size_kv_pool`, recorded in
+      :attr:`pool_info` and ``last_stats``, logged once at INFO), first match wins:
+
+      - ``num_blocks``: exactly that many blocks;
+      - ``kv_cache_bytes``: as many blocks as fit in that many bytes;
+      - ``kv_mem_fraction``: that share of the memory free on the model's device *now* (CUDA:
+        ``torch.cuda.mem_get_info``; CPU: available RAM), like SGLang's ``mem_fraction_static`` but of the free
+        memory, after the weights (and whatever the learner holds) are allocated;
+      - nothing given: on CUDA ``kv_mem_fraction=0.3`` (:data:`DEFAULT_CUDA_KV_FRACTION`); on CPU 256 MiB
+        (:data:`DEFAULT_CPU_KV_BYTES`), so tests and the tiny preset never take a share of the host's RAM
+        unless asked to.
+
+      A request that cannot fit even alone in the empty pool (its prompt plus ``reserve_tokens``) makes
+      ``generate`` raise a ValueError naming both block counts, before anything runs. One that fits but outgrows
+      the pool while alone in it ends ``aborted`` (truncated); under pressure the newest requests are preempted.
+      :meth:`release_memory` frees the pool's tensors (the trainer does it around the policy update when
+      ``engine.memory_saver`` is on); the next ``generate`` allocates them again.
     * ``max_running_requests`` (256), ``max_batch_rows`` (256, rows per forward; more active branches are
       split over several forwards), ``prefill_chunk`` (512 tokens), ``max_prefill_tokens`` (8192 prompt tokens
       admitted per prefill).
@@ -51,7 +161,8 @@ class NPREngine:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
-                 kv_cache_bytes: int = 256 * 2**20, max_running_requests: int = 256, max_batch_rows: int = 256,
+                 kv_cache_bytes: int | None = None, kv_mem_fraction: float | None = None,
+                 max_running_requests: int = 256, max_batch_rows: int = 256,
                  prefill_chunk: int = 512, max_prefill_tokens: int = 8192, reserve_tokens: int = 32,
                  max_plans: int = MAX_PLANS, max_depth: int = MAX_DEPTH, min_fork_budget: int = 32,
                  constraints: str | C.ConstraintSet = "strict", stop_on_violation: bool | None = None):
@@ -69,13 +180,16 @@ class NPREngine:
         self.max_prefill_tokens = max_prefill_tokens
         r = self.runner
         per_block = 2 * r.num_layers * block_size * r.kv_heads * r.head_dim * r.dtype.itemsize
-        if num_blocks is None:
-            num_blocks = max(1, kv_cache_bytes // per_block)
-        self.pool = BlockPool(num_blocks, block_size, r.num_layers, r.kv_heads, r.head_dim, r.dtype, r.device)
+        self.pool_info = size_kv_pool(per_block, block_size, r.device, num_blocks=num_blocks,
+                                      kv_cache_bytes=kv_cache_bytes, kv_mem_fraction=kv_mem_fraction)
+        log.info("NPREngine KV pool: %s", self.pool_info.describe())
+        self.pool = self._new_pool()
         self.reserve_blocks = self.pool.blocks_for(reserve_tokens)
+        self.reserve_tokens = reserve_tokens
         self.step_open_id = self.vocab.id_of[STEP_OPEN]
         self.takeaway_open_id = self.vocab.id_of[TAKEAWAY_OPEN]
         self.last_stats: dict = {}
+        self._warned_long = False
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams | None = None,
                  mode: str = "parallel") -> list[Rollout]:
@@ -91,9 +205,18 @@ class NPREngine:
             bad = [t for t in p if not 0 <= t < vocab_rows]
             if bad:
                 raise ValueError(f"prompt {i} has token ids outside the model's vocabulary: {bad[:5]}")
+        for i, p in enumerate(prompts):
+            need = self.blocks_needed(len(p))
+            if need > self.pool.num_blocks:
+                raise ValueError(self._too_small(i, len(p), need))
         if self.pool.num_used:  # a previous call died half-way: start from a clean pool
-            self.pool = BlockPool(self.pool.num_blocks, self.pool.block_size, self.runner.num_layers,
-                                  self.runner.kv_heads, self.runner.head_dim, self.runner.dtype, self.runner.device)
+            self.pool = self._new_pool()
+        self.pool.ensure_storage()  # after release_memory()
+        longest = max((len(p) for p in prompts), default=0) + params.max_new_tokens
+        if longest > self.pool_info.num_tokens and not self._warned_long:
+            self._warned_long = True
+            log.warning("NPREngine: a rollout may reach %d tokens but the KV pool holds %d (%s); one that outgrows "
+                        "it alone ends 'aborted'", longest, self.pool_info.num_tokens, self.pool_info.describe())
         self.runner.bind()
         stop = self.stop_on_violation
         if stop is None:
@@ -107,9 +230,48 @@ class NPREngine:
             "wall_s": time.perf_counter() - t0, "steps": sched.steps, "peak_kv_blocks": self.pool.peak_used,
             "peak_kv_bytes": self.pool.peak_used * self.pool.bytes_per_block,
             "num_tokens": sum(r.num_tokens for r in rollouts), "step_log": sched.step_log,
-            "preemptions": sched.preemptions,
+            "preemptions": sched.preemptions, "kv_pool_blocks": self.pool.num_blocks,
+            "kv_pool_source": self.pool_info.source,
         }
         return rollouts
+
+    # -- the KV pool ------------------------------------------------------------------------------------------
+    def _new_pool(self, allocate: bool = True) -> BlockPool:
+        r = self.runner
+        return BlockPool(self.pool_info.num_blocks, self.pool_info.block_size, r.num_layers, r.kv_heads, r.head_dim,
+                         r.dtype, r.device, allocate=allocate)
+
+    def blocks_needed(self, prompt_len: int) -> int:
+        """KV blocks one request with a prompt of ``prompt_len`` tokens needs to be admitted (prompt + reserve)."""
+        return self.pool.blocks_for(prompt_len) + self.reserve_blocks
+
+    def fits(self, prompt_len: int) -> bool:
+        """Whether such a request can ever be admitted (alone, in the empty pool)."""
+        return self.blocks_needed(prompt_len) <= self.pool.num_blocks
+
+    def _too_small(self, i: int, prompt_len: int, need: int) -> str:
+        info = self.pool_info
+        return (f"the KV pool is too small for prompt {i}: it needs {need} blocks ({prompt_len} prompt tokens + "
+                f"reserve_tokens={self.reserve_tokens}, blocks of {info.block_size} tokens) but the pool has "
+                f"{info.num_blocks} blocks ({info.num_tokens} tokens, sized by {info.how}); give num_blocks, "
+                f"kv_cache_bytes or kv_mem_fraction a larger value, or shorten the prompt")
+
+    def release_memory(self) -> None:
+        """Free the KV pool's tensors (between rollouts, e.g. for the policy update); the block accounting and
+        :attr:`pool_info` stay, and the next :meth:`generate` (or :meth:`resume_memory`) allocates zeros again.
+        The weights are the live module's and are not touched. On CUDA the freed memory returns to PyTorch's
+        caching allocator, where the learner in this process reuses it (no ``empty_cache``)."""
+        if self.pool.num_used:  # a previous generate died half-way: its blocks are dead, start clean
+            self.pool = self._new_pool(allocate=False)
+        self.pool.release_storage()
+
+    def resume_memory(self) -> None:
+        """Allocate the KV pool's tensors again now (``generate`` also does it when needed)."""
+        self.pool.ensure_storage()
+
+    @property
+    def memory_released(self) -> bool:
+        return not self.pool.has_storage
 
     def load_weights(self, state_dict: dict, strict: bool = True) -> None:
         """Copy ``state_dict`` into the live model, in place (the next generate uses it).

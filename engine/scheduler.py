@@ -26,8 +26,9 @@ sample and leaves one block of headroom per active branch. Before each step the 
 branch can get its next slot; if not, it preempts the most recently admitted request until the step fits:
 its blocks go back to the pool and it waits at the head of the queue to start again from its prompt, with its
 random generator re-seeded, so a preempted sample is the one it would have been (recompute preemption, as in
-vLLM). Only a request that cannot fit even alone is aborted (finish ``aborted``, ``truncated``). Forks also
-need headroom. Every table is released exactly once when its
+vLLM). Only a request that outgrows the pool while alone in it is aborted (finish ``aborted``, ``truncated``);
+one whose prompt plus reserve exceeds the whole pool never starts (``NPREngine.generate`` raises), and a group
+too big to fit at once is admitted in parts. Forks also need headroom. Every table is released exactly once when its
 request ends, whatever the reason, and the pool is checked for leaks at the end of ``generate``.
 """
 
@@ -184,9 +185,15 @@ class Scheduler:
             if admitted and (len(admitted) >= eng.max_batch_rows
                              or prefill_tokens + len(group[0].prompt) > eng.max_prefill_tokens):
                 break  # one prefill forward at a time stays bounded
-            need = pool.blocks_for(len(group[0].prompt)) + n * eng.reserve_blocks
-            if need > pool.num_blocks:  # can never fit: refuse it cleanly
-                self.waiting.popleft()
+            prompt_blocks = pool.blocks_for(len(group[0].prompt))
+            need = prompt_blocks + n * eng.reserve_blocks
+            if need > pool.num_blocks:  # the group can never fit at once
+                k = (pool.num_blocks - prompt_blocks) // eng.reserve_blocks if eng.reserve_blocks else 0
+                if k >= 1:  # admit as many of its samples as fit together; the rest queue right behind them
+                    self.waiting[0] = group[:k]
+                    self.waiting.insert(1, group[k:])
+                    continue
+                self.waiting.popleft()  # not even one sample fits (generate refuses such prompts first)
                 for r in group:
                     self._finish(r, "aborted")
                 continue
@@ -446,11 +453,9 @@ class Scheduler:
         if self.mode != "parallel" or b.cursor.depth >= eng.max_depth:
             return False
         remaining = min(self.params.max_new_tokens - b.path_len, self.total_budget - req.total)
-        if remaining < eng.min_fork_budget:
-            return False
-        k = len(b.cursor.pending_block().plans)
-        active = sum(len(r.active) for r in self.running)
-        return self.pool.num_free >= k + active
+        # The pool is never consulted: a fork under KV pressure is absorbed by preemption, so the pool size
+        # changes speed, never the sample (a declined fork would decode the steps sequentially instead).
+        return remaining >= eng.min_fork_budget
 
     def _fork(self, b: Branch, lp: float) -> None:
         self._flush_presence()

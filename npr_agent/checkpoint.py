@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .files import fsync_file
 
+QWEN3_OFFLINE = "npr:qwen3"  # ModelConfig.tokenizer: Qwen3's real vocabulary, built offline (npr_env.qwen_vocab)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,26 +37,54 @@ def load_tokenizer(cfg: ModelConfig):
     src = cfg.tokenizer or cfg.path
     if src is None:
         return npr_env.load_tokenizer()
-    from transformers import AutoTokenizer
+    if src == QWEN3_OFFLINE:
+        from npr_env.qwen_vocab import qwen3_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(src)
+        tok = qwen3_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(src)
     npr_env.add_npr_tokens(tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def build_model(cfg: ModelConfig, tokenizer, device: torch.device, seed: int = 0):
-    """A Qwen3 built from the config fields (tiny preset), or a local HF checkpoint with the tags added."""
+def enable_checkpointing(model):
+    """Activation (gradient) checkpointing of every decoder layer, non-reentrant (transformers 5.x:
+    ``activation_checkpointing_enable``; the deprecated ``gradient_checkpointing_enable`` before it).
+
+    HF checkpoints a layer only while the model is in train mode with grad on; the trainer's updates run in
+    train mode. Gradients are the same as without it (tests/test_memory_paths.py).
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def build_model(cfg: ModelConfig, tokenizer, device: torch.device, seed: int = 0,
+                gradient_checkpointing: bool | None = None):
+    """A Qwen3 built from the config fields (tiny preset), or a local HF checkpoint with the tags added.
+
+    ``gradient_checkpointing`` (default ``cfg.gradient_checkpointing``) turns on activation checkpointing.
+    """
     import npr_env
 
     dtype = DTYPES[cfg.dtype]
+    if gradient_checkpointing is None:
+        gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.path is None:
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
         torch.manual_seed(seed)
+        rows = cfg.vocab_size or len(tokenizer)
+        if rows < len(tokenizer):
+            raise ValueError(f"model.vocab_size={rows} is smaller than the tokenizer ({len(tokenizer)} tokens)")
         qcfg = Qwen3Config(
-            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            vocab_size=rows, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
             num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
@@ -62,10 +92,13 @@ def build_model(cfg: ModelConfig, tokenizer, device: torch.device, seed: int = 0
         )
         qcfg._attn_implementation = "sdpa"
         model = Qwen3ForCausalLM(qcfg).to(dtype)
+        if tokenizer.get_vocab() != npr_env.load_tokenizer().get_vocab():
+            # a real vocabulary: tags start as the mean of their name's pieces, as on a pretrained model
+            npr_env.init_tag_rows(tokenizer, model)
     else:
         from transformers import AutoTokenizer
 
-        model = load_pretrained(cfg.path, dtype)
+        model = load_pretrained(cfg.path, dtype)  # checkpointing is turned on below
         # The run's tokenizer already has the tags; add them again to the checkpoint's own tokenizer so that
         # tags new to this model get their mean-of-sub-token embedding rows (a no-op for NPR checkpoints).
         raw = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
@@ -73,16 +106,20 @@ def build_model(cfg: ModelConfig, tokenizer, device: torch.device, seed: int = 0
         want = [tokenizer.convert_tokens_to_ids(t) for t in npr_env.TAGS]
         if ids != want:
             raise ValueError(f"{cfg.path}: tag ids {ids} differ from the run tokenizer's {want}")
+    if gradient_checkpointing:
+        enable_checkpointing(model)
     return model.to(device)
 
 
-def load_pretrained(path: str | Path, dtype=torch.float32):
+def load_pretrained(path: str | Path, dtype=torch.float32, gradient_checkpointing: bool = False):
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a model directory (no config.json); no hub downloads are made")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    if gradient_checkpointing:
+        enable_checkpointing(model)
     return model
 
 
@@ -120,6 +157,7 @@ def save_train_state(path: str | Path, model, optimizer, scheduler, step: int, d
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng_state(), "step": step, "data_pos": data_pos, "extra": extra or {},
     }, tmp)
+    fsync_file(tmp)
     os.replace(tmp, path)
 
 

@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, apply_overrides, load_file, preset
+from npr_env.tasks import TaskFormatError
+
+from .config import ConfigError, TrainConfig, apply_overrides, load_file, preset, validate
 
 
 def smoke(cfg: TrainConfig) -> TrainConfig:
@@ -36,7 +38,7 @@ def make_config(args) -> TrainConfig:
     cfg = load_file(args.config) if args.config else preset(args.preset)
     if args.smoke:
         cfg = smoke(cfg)
-    return apply_overrides(cfg, args.set or [])
+    return validate(apply_overrides(cfg, args.set or []))
 
 
 def run_dir_for(cfg: TrainConfig, out: str | None, resume: bool) -> Path:
@@ -52,11 +54,12 @@ def run_dir_for(cfg: TrainConfig, out: str | None, resume: bool) -> Path:
 
 
 def cmd_train(args) -> int:
-    from .trainer import NPRTrainer
+    from .trainer import NPRTrainer, check_inputs
 
     cfg = make_config(args)
-    stages = tuple(args.stage.split(",")) if args.stage else cfg.stages
+    stages = tuple(s.strip() for s in args.stage.split(",")) if args.stage else cfg.stages
     run_dir = run_dir_for(cfg, args.out, args.resume)
+    check_inputs(cfg, stages, run_dir)  # before the run folder exists: a refused input leaves nothing behind
     print(f"run: {run_dir}   (tensorboard --logdir {run_dir.parent})")
     t0 = time.time()
     summary = NPRTrainer(cfg, run_dir, resume=args.resume, show_progress=not args.quiet).run(stages)
@@ -73,6 +76,7 @@ def cmd_rollout(args) -> int:
     import torch
 
     from engine import NPREngine, SamplingParams
+    from npr_env.prompts import PromptConfig, load_prompt_config, prompt_ids
     from npr_env.render import render_ansi, render_rgb
     from npr_env.tasks import GroupSumTasks
 
@@ -83,9 +87,9 @@ def cmd_rollout(args) -> int:
     tok = load_tokenizer(ModelConfig(path=args.model))
     model = load_pretrained(args.model).eval()
     problems = GroupSumTasks(seed=args.seed, split="test").sample(args.n)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p.prompt(instruction=args.instruction)}],
-                                       add_generation_prompt=True, tokenize=True, return_dict=False)
-               for p in problems]
+    saved = load_prompt_config(args.model) or PromptConfig()  # the prompt the checkpoint was trained on
+    cfg = PromptConfig(saved.instruction if args.instruction is None else args.instruction, saved.chat_kwargs)
+    prompts = [prompt_ids(tok, p, cfg) for p in problems]
     eng = NPREngine(model, tok)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             seed=args.seed)
@@ -132,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=200)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=2)
-    r.add_argument("--instruction", action="store_true", help="append the NPR instruction to the prompt")
+    r.add_argument("--instruction", dest="instruction", action="store_true", default=None,
+                   help="append the NPR instruction (default: as the checkpoint was trained, npr_prompt.json)")
+    r.add_argument("--no-instruction", dest="instruction", action="store_false")
     r.add_argument("--render-dir", help="also write a PNG of each graph here")
     sub.add_parser("eval", help="benchmarks (see `npr eval --help`)", add_help=False)
     return p
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.cmd == "rollout":
             return cmd_rollout(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, TaskFormatError) as e:
         print(f"npr {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     return 1

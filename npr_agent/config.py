@@ -29,7 +29,11 @@ class ModelConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
     dtype: str = "float32"
-    tokenizer: str | None = None  # None: the model path's tokenizer, or the shipped char tokenizer
+    # None: the model path's tokenizer, or the shipped char tokenizer; "npr:qwen3": Qwen3's real vocabulary built
+    # offline (npr_env.qwen_vocab, the `qwen` extra); otherwise a tokenizer directory
+    tokenizer: str | None = None
+    vocab_size: int | None = None  # embedding rows of a model built from these fields (None: the tokenizer's size)
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (long rollouts; docs/scaling.md)
 
 
 @dataclass
@@ -37,6 +41,7 @@ class TaskConfig:
     num_subproblems: tuple[int, int] = (2, 4)
     terms: tuple[int, int] = (5, 6)  # digits per group (the length of each parallel step); npr_env.tasks.GroupSumTasks
     instruction: bool = False  # append the NPR instruction to the prompt (for instruct models)
+    chat_kwargs: dict = field(default_factory=dict)  # chat-template kwargs, e.g. {"enable_thinking": false} (Qwen3)
     eval_size: int = 512  # held-out problems for accuracy/eval (512: a standard error of ~1.3 points at 0.9)
     benchmark: str | None = None  # a benchmark file (json/jsonl) to train on instead of procedural tasks
 
@@ -44,9 +49,16 @@ class TaskConfig:
 @dataclass
 class EngineConfig:
     backend: str = "native"  # native (fork/join engine, CPU or GPU) | sglang (orchestrated, GPU; docs/scaling.md)
-    sglang_mem_fraction: float = 0.45  # share of GPU memory SGLang may hold beside the learner
+    sglang_mem_fraction: float = 0.45  # share of GPU memory SGLang may hold (weights + KV) beside the learner
     block_size: int = 16
-    num_blocks: int = 4096
+    # native KV pool: a block count, or None to size it from memory (kv_mem_fraction of the device memory free
+    # when the engine is built; on a CPU without kv_mem_fraction: 256 MiB). The tiny preset keeps 4096.
+    num_blocks: int | None = 4096
+    kv_mem_fraction: float | None = None  # None: 0.3 on CUDA (engine.npr_engine.DEFAULT_CUDA_KV_FRACTION)
+    # free the rollout engine's KV memory during each policy update (native: drop the pool's tensors; sglang:
+    # start with enable_memory_saver and release/resume its "kv_cache"), docs/scaling.md
+    memory_saver: bool = False
+    sync_bucket_mb: int = 1024  # weight sync to SGLang: gather and send the parameters in buckets of this size
     max_plans: int = 5
     max_depth: int = 2
     min_fork_budget: int = 32
@@ -72,6 +84,9 @@ class Stage0Config(SFTConfig):
 
     steps: int = 700
     parallel_fraction: float = 0.2
+    # Write the seed's solutions with the tags as ordinary text pieces, as an instruct model that has never
+    # seen the tag tokens writes them (a BPE vocabulary; the char tokenizer has no pieces to spell them in).
+    spelled_tags: bool = False
 
 
 @dataclass
@@ -184,10 +199,10 @@ def preset(name: str) -> TrainConfig:
         return TrainConfig(
             name="qwen3-4b", device="cuda", stages=("stage1", "stage2", "stage3"),
             # fp32 master weights (bf16 compute via FSDP2's param dtype): lr 1e-7 steps vanish in pure bf16.
-            model=ModelConfig(path="models/Qwen3-4B-Instruct-2507", dtype="float32"),
-            tasks=TaskConfig(instruction=True, benchmark=None),
-            engine=EngineConfig(backend="sglang", block_size=16, num_blocks=65536, max_plans=5, max_depth=5, min_fork_budget=1024,
-                                step_repetition_penalty=1.02),
+            model=ModelConfig(path="models/Qwen3-4B-Instruct-2507", dtype="float32", gradient_checkpointing=True),
+            tasks=TaskConfig(instruction=True, chat_kwargs={"enable_thinking": False}, benchmark=None),
+            engine=EngineConfig(backend="sglang", block_size=16, num_blocks=None, kv_mem_fraction=0.3, memory_saver=True,
+                                max_plans=5, max_depth=5, min_fork_budget=1024, step_repetition_penalty=1.02),
             stage1=Stage1Config(steps=200, prompts_per_step=32, group_size=16, lr=1e-6, lr_schedule="cosine",
                                 max_new_tokens=30000, algorithm_args={"clip_low": 0.2, "clip_high": 0.28}),
             stage2=Stage2Config(num_problems=8000, tries=8, max_new_tokens=30000, steps=1000, batch_size=8,
@@ -195,14 +210,19 @@ def preset(name: str) -> TrainConfig:
             stage3=Stage3Config(steps=200, prompts_per_step=16, group_size=16, lr=1e-7, max_new_tokens=30000),
             eval=EvalConfig(temperature=1.0, top_p=0.7, max_new_tokens=30000),
         )
-    raise ValueError(f"unknown preset {name!r}; choose 'tiny' or 'qwen3-4b'")
+    raise ConfigError(f"unknown preset {name!r}; choose 'tiny' or 'qwen3-4b'")
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _coerce(value: Any, current: Any, where: str) -> Any:
+def _coerce(value: Any, current: Any, where: str, hint: Any = None) -> Any:
+    kinds = hint.replace(" ", "").split("|") if isinstance(hint, str) else []
+    if "None" in kinds and kinds[0] in ("int", "float"):  # an optional number (`int | None`): "none" unsets it,
+        if value is None or value in ("none", "None", ""):  # anything else is coerced as the number type
+            return None
+        return _coerce(value, 0 if kinds[0] == "int" else 0.0, where)
     if dataclasses.is_dataclass(current):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
@@ -225,12 +245,17 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {e}") from None
     if isinstance(current, dict):
         if isinstance(value, str):
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: {value!r} is not a JSON table ({e.msg})") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
         return dict(value)
     if current is None:
         return None if value in (None, "none", "None", "") else value
+    if isinstance(value, bool) and isinstance(current, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
     try:
         if isinstance(current, int) and not isinstance(value, bool):
             if isinstance(value, float) and not value.is_integer():
@@ -246,11 +271,11 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
 
 
 def _merge(obj, data: dict, where: str):
-    names = {f.name for f in fields(obj)}
+    hints = {f.name: f.type for f in fields(obj)}
     for key, value in data.items():
-        if key not in names:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})")
-        setattr(obj, key, _coerce(value, getattr(obj, key), f"{where}.{key}" if where else key))
+        if key not in hints:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(hints))})")
+        setattr(obj, key, _coerce(value, getattr(obj, key), f"{where}.{key}" if where else key, hints[key]))
     return obj
 
 
@@ -277,7 +302,10 @@ def load_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a table")
     if base is None:
-        base = preset(data.pop("preset", "tiny"))
+        try:
+            base = preset(data.pop("preset", "tiny"))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: preset: {e}") from None
     else:
         data.pop("preset", None)
     return _merge(base, data, str(path))
@@ -303,3 +331,123 @@ def _parse_scalar(value: str):
         return json.loads(value)
     except json.JSONDecodeError:
         return value
+
+
+# -- validation ----------------------------------------------------------------------------------------------
+STAGE_NAMES = ("stage0", "stage1", "stage2", "stage3")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+LR_SCHEDULES = ("constant", "cosine")
+ENGINE_MODES = ("parallel", "sequential")
+ENGINE_BACKENDS = ("native", "sglang")
+CONSTRAINT_PRESETS = ("relaxed", "strict")
+
+
+def _check(ok: bool, key: str, value: Any, want: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not allowed; expected {want}")
+
+
+def _number(key: str, value: Any, kind: type, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False) -> None:
+    import math
+
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    _check(is_num and (kind is float or float(value).is_integer()), key, value, f"a{'n integer' if kind is int else ' number'}")
+    _check(math.isfinite(float(value)), key, value, "a finite number")
+    if lo is not None:
+        _check(value > lo if lo_open else value >= lo, key, value, f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        _check(value <= hi, key, value, f"<= {hi}")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, key, value, "one of " + ", ".join(repr(a) for a in allowed))
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every value (enums, ranges, types, registered names) before any work starts.
+
+    Raises :class:`ConfigError` naming the key and the allowed values. Runs in milliseconds, so ``npr train``
+    refuses a mistake in stage 3's settings before stage 0 has run.
+    """
+    from npr_env.rewards import REWARD_PRESETS
+
+    from .algorithms import ALGORITHMS, make_config
+
+    _number("seed", cfg.seed, int, 0)
+    _number("threads", cfg.threads, int, 1)
+    _number("checkpoint_every", cfg.checkpoint_every, int, 0)
+    _number("log_every", cfg.log_every, int, 1)
+    _check(cfg.device in ("auto", "cpu", "cuda") or (isinstance(cfg.device, str) and cfg.device.startswith("cuda:")
+                                                      and cfg.device[5:].isdigit()),
+           "device", cfg.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    for s in cfg.stages:
+        _one_of("stages", s, STAGE_NAMES)
+    m = cfg.model
+    _one_of("model.dtype", m.dtype, DTYPE_NAMES)
+    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                 "max_position_embeddings"):
+        _number(f"model.{name}", getattr(m, name), int, 1)
+    _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+           f"a divisor of model.num_heads ({m.num_heads})")
+    if m.vocab_size is not None:
+        _number("model.vocab_size", m.vocab_size, int, 1)
+    t = cfg.tasks
+    _number("tasks.eval_size", t.eval_size, int, 1)
+    for name in ("num_subproblems", "terms"):
+        v = getattr(t, name)
+        _check(len(v) == 2 and 1 <= v[0] <= v[1], f"tasks.{name}", v, "a range (lo, hi) with 1 <= lo <= hi")
+    e = cfg.engine
+    _one_of("engine.backend", e.backend, ENGINE_BACKENDS)
+    _number("engine.block_size", e.block_size, int, 1)
+    if e.num_blocks is not None:
+        _number("engine.num_blocks", e.num_blocks, int, 1)
+    if e.kv_mem_fraction is not None:
+        _number("engine.kv_mem_fraction", e.kv_mem_fraction, float, 0, 1, lo_open=True)
+    _number("engine.sglang_mem_fraction", e.sglang_mem_fraction, float, 0, 1, lo_open=True)
+    _number("engine.max_plans", e.max_plans, int, 1)
+    _number("engine.max_depth", e.max_depth, int, 0)
+    _number("engine.min_fork_budget", e.min_fork_budget, int, 0)
+    _number("engine.step_repetition_penalty", e.step_repetition_penalty, float, 0, lo_open=True)
+    for name in ("stage0", "stage2"):
+        s = getattr(cfg, name)
+        for f in ("steps", "batch_size"):
+            _number(f"{name}.{f}", getattr(s, f), int, 1)
+        _number(f"{name}.micro_batch_size", s.micro_batch_size, int, 0)
+        _number(f"{name}.lr", s.lr, float, 0, lo_open=True)
+        _number(f"{name}.warmup_ratio", s.warmup_ratio, float, 0, 1)
+        _number(f"{name}.min_lr_ratio", s.min_lr_ratio, float, 0, 1)
+        _number(f"{name}.weight_decay", s.weight_decay, float, 0)
+        _number(f"{name}.grad_clip", s.grad_clip, float, 0, lo_open=True)
+        _number(f"{name}.checkpoint_every", s.checkpoint_every, int, 0)
+    _number("stage0.parallel_fraction", cfg.stage0.parallel_fraction, float, 0, 1)
+    s2 = cfg.stage2
+    for f in ("num_problems", "tries", "tries_per_round", "max_new_tokens", "epochs_cap"):
+        _number(f"stage2.{f}", getattr(s2, f), int, 1)
+    for f in ("target_kept", "max_problems", "min_kept"):
+        _number(f"stage2.{f}", getattr(s2, f), int, 0)
+    _number("stage2.temperature", s2.temperature, float, 0)
+    for name in ("stage1", "stage3"):
+        r = getattr(cfg, name)
+        _one_of(f"{name}.algorithm", r.algorithm, tuple(ALGORITHMS))
+        _check(isinstance(r.algorithm_args, dict), f"{name}.algorithm_args", r.algorithm_args, "a table")
+        try:
+            make_config(r.algorithm, r.algorithm_args, temperature=r.temperature)
+        except (TypeError, ValueError, KeyError) as err:
+            raise ConfigError(f"{name}.algorithm_args: {err}") from None
+        _one_of(f"{name}.lr_schedule", r.lr_schedule, LR_SCHEDULES)
+        _one_of(f"{name}.mode", r.mode, ENGINE_MODES)
+        _one_of(f"{name}.constraints", r.constraints, CONSTRAINT_PRESETS)
+        _one_of(f"{name}.reward", r.reward, tuple(REWARD_PRESETS))
+        for f in ("steps", "prompts_per_step", "group_size", "micro_batch_size", "max_new_tokens"):
+            _number(f"{name}.{f}", getattr(r, f), int, 1)
+        for f in ("warmup_steps", "top_k", "eval_every"):
+            _number(f"{name}.{f}", getattr(r, f), int, 0)
+        _number(f"{name}.lr", r.lr, float, 0, lo_open=True)
+        _number(f"{name}.grad_clip", r.grad_clip, float, 0, lo_open=True)
+        _number(f"{name}.temperature", r.temperature, float, 0, lo_open=True)
+        _number(f"{name}.top_p", r.top_p, float, 0, 1, lo_open=True)
+    _number("eval.temperature", cfg.eval.temperature, float, 0)
+    _number("eval.top_p", cfg.eval.top_p, float, 0, 1, lo_open=True)
+    _number("eval.max_new_tokens", cfg.eval.max_new_tokens, int, 1)
+    return cfg

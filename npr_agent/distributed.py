@@ -28,7 +28,7 @@ Gloo on CPU, NCCL on CUDA. World size 1 (no torchrun) makes every method here a 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -39,6 +39,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .algorithms import Prepared, RolloutInfo, merge_metrics
+from .files import fsync_file
 from .policy import Sample, build_batch, sft_loss, token_logprobs
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -298,6 +299,45 @@ class Dist:
 
         return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
 
+    def iter_state_dict_buckets(self, model: nn.Module, bucket_bytes: int = 1 << 30,
+                                dtype: torch.dtype | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """The whole model's state dict (HF names) in buckets of at most ``bucket_bytes`` (a tensor larger than
+        that is a bucket of its own), for weight sync without holding every gathered tensor at once.
+
+        Under FSDP2 each sharded parameter is gathered (``DTensor.full_tensor()``, an all-gather) only when its
+        bucket is produced, so a rank holds its shards plus one bucket of whole tensors; it is a collective: every
+        rank must consume the whole iterator, in step (the order is the state dict's, the same everywhere).
+        Without FSDP2 the buckets hold the module's own tensors (no copy). ``dtype``: cast each tensor first (under
+        FSDP2 before the gather, which halves its traffic for bf16); the size bound counts the cast bytes.
+        A parameter under several names (a head tied to the embedding) is gathered once and put, under each
+        name, in one bucket, counted once. Every key of ``state_dict()`` is in exactly one bucket.
+        """
+        from engine.backends.sglang import plan_buckets
+
+        inner = unwrap(model)
+        sd = inner.state_dict(keep_vars=True)
+        groups: dict[int, list[str]] = {}  # one entry per distinct tensor: its names, in state-dict order
+        first: dict[int, torch.Tensor] = {}
+        for name, t in sd.items():
+            groups.setdefault(id(t), []).append(name)
+            first.setdefault(id(t), t)
+        def cast(t: torch.Tensor) -> bool:
+            return dtype is not None and t.is_floating_point() and t.dtype != dtype
+
+        cast_size = torch.empty((), dtype=dtype).element_size() if dtype is not None else 0
+        sizes = [(k, t.numel() * (cast_size if cast(t) else t.element_size())) for k, t in first.items()]
+        for plan in plan_buckets(sizes, bucket_bytes):
+            bucket: dict[str, torch.Tensor] = {}
+            for k in plan:
+                t = first[k].detach()
+                if cast(t):
+                    t = t.to(dtype)
+                if hasattr(t, "full_tensor"):  # an FSDP2 shard (DTensor): gather it, on every rank
+                    t = t.full_tensor()
+                for name in groups[k]:
+                    bucket[name] = t
+            yield bucket
+
     def save_train_state(self, path: str | Path, model, optimizer, scheduler, step: int, data_pos: int,
                          extra=None) -> None:
         """Rank 0 writes the state (gathered first under FSDP2); every rank waits for it."""
@@ -314,6 +354,7 @@ class Dist:
                 torch.save({"model": msd, "optimizer": osd,
                             "scheduler": scheduler.state_dict() if scheduler is not None else None,
                             "rng": ckpt.rng_state(), "step": step, "data_pos": data_pos, "extra": extra or {}}, tmp)
+                fsync_file(tmp)
                 os.replace(tmp, path)
         elif self.is_main:
             ckpt.save_train_state(path, inner, optimizer, scheduler, step, data_pos, extra)
@@ -375,10 +416,24 @@ def sft_update(model: nn.Module, samples: Sequence[Sample], optimizer, *, micro_
             "tokens": float(n_local), "rows": float(batch.batch_size)}
 
 
+@torch.no_grad()
+def logprob_mismatch(model: nn.Module, rollouts: Sequence, temperature: float = 1.0, device=None) -> float:
+    """Max |trainer - engine| logprob over the sampled tokens of ``rollouts``, in one forward."""
+    from engine.orchestration import training_sample
+
+    batch = build_batch([training_sample(r) for r in rollouts], device=device)
+    lp = token_logprobs(model, batch, temperature=temperature)
+    d = (lp - batch.old_logprobs).abs()[batch.loss_mask]
+    return float(d.max()) if d.numel() else 0.0
+
+
 def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tensor, optimizer, *,
                   micro_batch_size: int, grad_clip: float, temperature: float = 1.0, device=None,
-                  dist: Dist = LOCAL) -> dict[str, float]:
+                  dist: Dist = LOCAL, check: Sequence = ()) -> dict[str, float]:
     """One RL update on this rank's kept rollouts (``advantages[i]`` for ``kept[i]``), exact across ranks.
+
+    ``check``: this rank's rollouts to measure ``policy/logprob_mismatch`` on when no rank updates (every
+    rollout filtered out), so the engine/trainer agreement is logged every step, not only on updates.
 
     Rollouts generated under the orchestrated layout are scored as such (``engine.orchestration.training_sample``).
     Returns this rank's metrics, ready for :meth:`Dist.reduce_metrics` (``loss/*`` are this rank's shares of
@@ -390,7 +445,10 @@ def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tens
     adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)
     local = bool(samples) and float(adv.abs().sum()) > 0
     if not dist.any(local):  # nothing to learn from on any rank: no optimizer step (the same decision everywhere)
-        return {"loss/policy": 0.0, "policy/grad_norm": 0.0, "batch/updated": 0.0}
+        m = {"loss/policy": 0.0, "policy/grad_norm": 0.0, "batch/updated": 0.0}
+        if not dist.any(not check):  # every rank has rollouts: one forward each (FSDP2 gathers weights in it)
+            m["policy/logprob_mismatch"] = logprob_mismatch(model, check, temperature, device)
+        return m
     model.train()
     batch = build_batch(samples, device=device, train_forced=algo.config.train_forced) if samples else None
     for i, s in enumerate(samples):  # orchestrated rollouts: their context-only rows are never trained

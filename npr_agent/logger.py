@@ -45,6 +45,28 @@ class RunLogger:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **clean}) + "\n")
 
+    def drop_after(self, stage: str, time_s: float) -> int:
+        """Remove ``stage``'s rows written after ``time_s`` (a resumed stage re-runs those steps, so each step is
+        logged once); returns how many were removed. The file is rewritten atomically."""
+        from .files import atomic_write_text
+
+        if not self.metrics_path.exists():
+            return 0
+        keep, dropped = [], 0
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                dropped += 1
+                continue
+            if row.get("stage") == stage and row.get("time", 0.0) > time_s:
+                dropped += 1
+            else:
+                keep.append(line + "\n")
+        if dropped:
+            atomic_write_text(self.metrics_path, "".join(keep))
+        return dropped
+
     def text(self, stage: str, tag: str, text: str, step: int = 0) -> None:
         self.writer(stage).add_text(tag, text, step)
 

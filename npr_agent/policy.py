@@ -2,8 +2,12 @@
 
 A trajectory is scored with the positions and visibility of its :class:`npr_env.layout.Layout` (the graph's
 ``layout()``, the one place they are computed). The host only ships the compact layout (``O(B * T * D)``
-integers); the attention mask is built on the device, as an additive float mask (eager / SDPA) or as a
-FlexAttention block mask (``attn="flex"``, for long sequences on GPU).
+integers); the attention mask is built on the device, in one of three forms (:func:`resolve_attn`):
+
+* ``"bias"``: one additive ``[B, 1, T, T]`` float mask (eager / SDPA); short sequences and tests;
+* ``"chunked"``: query chunks, each with only its ``[B, 1, rows, k]`` mask, each checkpointed (an HF attention
+  function registered as ``npr_chunked``); memory grows linearly with ``T``, on any device;
+* ``"flex"``: a FlexAttention block mask (``attn_implementation="flex_attention"``; CUDA, long sequences).
 
 Token ``t`` is predicted by the logits of row ``predictor[t]``: the latest token it may see. That is ``t - 1``,
 except for the first token of a sibling step, whose predictor is the end of the guideline segment (the step
@@ -25,7 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from npr_env.layout import Layout, attention_bias, collate, flex_mask_mod, predictor_indices
+from npr_env.layout import (
+    Layout,
+    attention_bias,
+    attention_bias_rows,
+    collate,
+    flex_block_mask,
+    predictor_indices,
+)
 
 
 @dataclass
@@ -208,37 +219,190 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _mask_for(model: nn.Module, batch: TokenBatch, attn: str):
+# -- attention under the layout: three paths ---------------------------------------------------------------------
+#
+# "bias"    one additive [B, 1, T, T] float mask (eager / SDPA). Quadratic: short sequences and tests only.
+# "chunked" query chunks of ``rows`` rows, each with only its [B, 1, rows, k] mask built on the device from
+#           hide_lo / hide_hi / valid (k = the chunk's last row + 1: no row sees later keys), each chunk checkpointed,
+#           so the backward keeps no [H, T, T] scores and no mask. Memory grows linearly with T. Any device.
+# "flex"    a FlexAttention BlockMask built on the device from the compact layout (CUDA; the model must use
+#           attn_implementation="flex_attention").
+
+MASK_BUDGET = 1 << 24  # elements of one chunk's additive mask [B, 1, rows, T]: 64 MiB in fp32
+LOGIT_BUDGET = 1 << 25  # elements of one chunk's logits [rows, V]: 128 MiB in fp32
+ATTN_MODES = ("auto", "bias", "chunked", "flex")
+CHUNKED_IMPL = "npr_chunked"  # our registered attention implementation (sdpa for every call without a layout)
+_DENSE_IMPLS = (None, "eager", "sdpa", CHUNKED_IMPL, CHUNKED_IMPL + "_eager")
+
+
+def logprob_chunk_rows(vocab_size: int, budget: int = LOGIT_BUDGET) -> int:
+    """Rows of one ``[rows, V]`` logits chunk: ``budget // V`` (at least 16), so a chunk stays ~128 MiB in fp32
+    whatever the vocabulary (220 rows at Qwen3's 151,936)."""
+    return max(16, budget // max(1, int(vocab_size)))
+
+
+def attention_chunk_rows(batch_size: int, seq_len: int, budget: int = MASK_BUDGET) -> int:
+    """Query rows per chunk of the chunked attention: one chunk's ``[B, 1, rows, T]`` mask holds at most
+    ``budget`` elements (a multiple of 64, at least 64)."""
+    rows = budget // max(1, batch_size * seq_len) // 64 * 64
+    return max(64, min(rows, -(-seq_len // 64) * 64))
+
+
+@dataclass
+class ChunkedLayout:
+    """What the chunked attention reads (passed to the model's forward as ``npr_layout``; HF forwards it to the
+    attention function of every layer): the compact layout on the device and the rows per query chunk."""
+
+    hide_lo: torch.Tensor  # [B, T, D]
+    hide_hi: torch.Tensor  # [B, T, D]
+    valid: torch.Tensor  # [B, T]
+    rows: int
+
+
+def _attend_rows(query, key, value, layout: ChunkedLayout, q0: int, scaling, dropout: float, gqa: bool):
+    """Attention of query rows ``q0 : q0 + C`` over keys ``0 : q0 + C``, under the layout. The mask is built here,
+    so under a checkpoint it is rebuilt in backward rather than kept."""
+    q1 = q0 + query.shape[2]
+    bias = attention_bias_rows(layout.hide_lo, layout.hide_hi, layout.valid, q0, q1, q1, dtype=query.dtype)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling,
+                                          enable_gqa=gqa)
+
+
+def chunked_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0,
+                              npr_layout: ChunkedLayout | None = None, **kwargs):
+    """An HF attention function (``AttentionInterface``): query-chunked attention under ``npr_layout``.
+
+    ``query`` ``[B, H, T, d]``, ``key`` / ``value`` ``[B, Hkv, T, d]`` (GQA), returns ``([B, T, H, d], None)`` like
+    ``sdpa_attention_forward``. Without ``npr_layout`` (any ordinary call: generate, a plain forward) it is
+    ``sdpa_attention_forward`` itself, so a model switched to this implementation behaves as an SDPA model.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if npr_layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    for name in ("softcap", "position_bias", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"the chunked NPR attention does not support {name!r}")
+    B, H, T, _ = query.shape
+    groups = H // key.shape[1]
+    gqa = groups > 1 and query.device.type == "cpu"  # CPU flash kernel: masked GQA without repeating keys
+    if groups > 1 and not gqa:  # elsewhere a masked GQA falls back to the math kernel: repeat once per layer
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    rows = max(1, int(npr_layout.rows))
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    outs = []
+    for q0 in range(0, T, rows):
+        q1 = min(T, q0 + rows)
+        args = (query[:, :, q0:q1], key[:, :, :q1], value[:, :, :q1], npr_layout, q0, scaling, dropout, gqa)
+        if grad and T > rows:  # keep no chunk's mask or scores for backward: recompute them chunk by chunk
+            outs.append(torch.utils.checkpoint.checkpoint(_attend_rows, *args, use_reentrant=False,
+                                                          preserve_rng_state=dropout > 0))
+        else:
+            outs.append(_attend_rows(*args))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _chunked_eager_forward(module, query, key, value, attention_mask, npr_layout=None, **kwargs):
+    if npr_layout is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return chunked_attention_forward(module, query, key, value, attention_mask, npr_layout=npr_layout, **kwargs)
+
+
+_REGISTERED = False
+
+
+def register_chunked_attention() -> None:
+    """Register ``npr_chunked`` (and ``npr_chunked_eager``, for eager models) with transformers' attention and
+    mask interfaces: ordinary calls get the sdpa (eager) mask and attention, calls with ``npr_layout`` the
+    chunked attention. Idempotent."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    AttentionInterface.register(CHUNKED_IMPL, chunked_attention_forward)
+    AttentionInterface.register(CHUNKED_IMPL + "_eager", _chunked_eager_forward)
+    AttentionMaskInterface.register(CHUNKED_IMPL, sdpa_mask)
+    AttentionMaskInterface.register(CHUNKED_IMPL + "_eager", eager_mask)
+    _REGISTERED = True
+
+
+def use_chunked_attention(model: nn.Module) -> nn.Module:
+    """Switch an eager / SDPA model to the chunked implementation (in place; the model is returned).
+
+    The attention function is looked up from the config in every forward, gradient-checkpointing recomputes
+    included, so the switch is kept: every call without ``npr_layout`` still runs the model's own sdpa (eager)
+    attention and masks, and the implementation is not saved with the model (``save_pretrained`` drops it).
+    """
+    register_chunked_attention()
     inner = _unwrap(model)
     impl = getattr(inner.config, "_attn_implementation", None)
+    if impl in (CHUNKED_IMPL, CHUNKED_IMPL + "_eager"):
+        return model
+    if impl not in (None, "eager", "sdpa"):
+        raise ValueError(f"attn='chunked' needs an eager or sdpa model, not {impl!r}")
+    inner.config._attn_implementation = CHUNKED_IMPL + "_eager" if impl == "eager" else CHUNKED_IMPL
+    return model
+
+
+def resolve_attn(model: nn.Module, batch: TokenBatch, attn: str = "auto") -> str:
+    """The attention path ``attn`` stands for: ``"auto"`` is ``"flex"`` for a flex_attention model, ``"bias"``
+    when the whole ``[B, 1, T, T]`` mask fits in one chunk's budget (:data:`MASK_BUDGET`; short sequences),
+    ``"chunked"`` otherwise. All three give the same logprobs and gradients (to float rounding)."""
+    if attn not in ATTN_MODES:
+        raise ValueError(f"attn must be one of {', '.join(map(repr, ATTN_MODES))}, got {attn!r}")
+    impl = getattr(_unwrap(model).config, "_attn_implementation", None)
     if attn == "auto":
-        attn = "flex" if impl == "flex_attention" else "bias"
-    if attn == "flex":
+        if impl == "flex_attention":
+            return "flex"
+        B, T = batch.input_ids.shape
+        return "bias" if B * T * T <= MASK_BUDGET else "chunked"
+    return attn
+
+
+def _mask_for(model: nn.Module, batch: TokenBatch, attn: str, attn_chunk: int | None = None):
+    """The ``attention_mask`` and extra forward kwargs of one path (see :func:`resolve_attn`)."""
+    inner = _unwrap(model)
+    impl = getattr(inner.config, "_attn_implementation", None)
+    mode = resolve_attn(model, batch, attn)
+    dtype = next(inner.parameters()).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    B, T = batch.input_ids.shape
+    if mode == "flex":
         if impl != "flex_attention":
             raise ValueError(f"attn='flex' needs a model loaded with attn_implementation='flex_attention' "
                              f"(it has {impl!r})")
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        B, T = batch.input_ids.shape
-        mod = flex_mask_mod(batch.hide_lo, batch.hide_hi, batch.valid)
-        return create_block_mask(mod, B, None, T, T, device=batch.device)
-    if attn != "bias":
-        raise ValueError(f"attn must be 'auto', 'bias' or 'flex', got {attn!r}")
-    if impl not in (None, "eager", "sdpa"):
-        raise ValueError(f"attn='bias' (an additive 4-D mask) needs an eager or sdpa model, not {impl!r}; "
+        return flex_block_mask(batch.hide_lo, batch.hide_hi, batch.valid), {}
+    if impl not in _DENSE_IMPLS:
+        raise ValueError(f"attn={mode!r} (an additive mask) needs an eager or sdpa model, not {impl!r}; "
                          "use attn='flex' with attn_implementation='flex_attention'")
-    dtype = next(inner.parameters()).dtype
-    return batch.attention_mask(dtype if dtype.is_floating_point else torch.float32)
+    if mode == "bias":
+        return batch.attention_mask(dtype), {}
+    use_chunked_attention(model)
+    rows = attn_chunk or attention_chunk_rows(B, T)
+    # A 4-D mask makes HF skip its own mask creation (and its packed-sequence guess from the positions). This
+    # one is a zero-stride view (no memory) of NaN: the chunked attention never reads it, and any attention that
+    # did would give NaN, never a silently wrong result.
+    placeholder = torch.full((1, 1, 1, 1), float("nan"), dtype=dtype, device=batch.device).expand(B, 1, T, T)
+    return placeholder, {"npr_layout": ChunkedLayout(batch.hide_lo, batch.hide_hi, batch.valid, rows)}
 
 
-def hidden_states(model: nn.Module, batch: TokenBatch, attn: str = "auto") -> torch.Tensor:
+def hidden_states(model: nn.Module, batch: TokenBatch, attn: str = "auto",
+                  attn_chunk: int | None = None) -> torch.Tensor:
     """Final (normed) hidden states ``[B, T, H]`` under the batch's layout.
 
     A plain HF model runs its backbone only (no ``[B, T, V]`` logits). A wrapped one (DDP) is called through
     its own forward, so the wrapper's hooks run; it then computes the logits of one position only.
+    ``attn``: see :func:`resolve_attn`; ``attn_chunk``: query rows per chunk of the chunked path.
     """
-    mask = _mask_for(model, batch, attn)
-    kw = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
+    mask, extra = _mask_for(model, batch, attn, attn_chunk)
+    kw = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False,
+              **extra)
     if isinstance(model, PreTrainedModel) and model.base_model is not model:
         return model.base_model(**kw).last_hidden_state
     out = model(**kw, output_hidden_states=True, logits_to_keep=1)
@@ -258,14 +422,23 @@ def _rows_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temp
     return lp, ent
 
 
-def _token_logprobs_one(model, batch, temperature, return_entropy, all_tokens, attn, chunk_tokens):
+def _head_vocab(head: nn.Module) -> int:
+    w = getattr(head, "weight", None)
+    return int(w.shape[0]) if w is not None else int(getattr(head, "out_features", 0) or 1)
+
+
+def logprobs_from_hidden(model: nn.Module, batch: TokenBatch, h: torch.Tensor, temperature: float = 1.0,
+                         return_entropy: bool = False, all_tokens: bool = False, chunk_tokens: int | None = None):
+    """Logprobs (and entropies) ``[B, T]`` from final hidden states ``h`` ``[B, T, H]``, through the output head in
+    chunks of ``chunk_tokens`` rows (default :func:`logprob_chunk_rows`): no ``[T, V]`` float tensor is ever
+    whole, and with grad on each chunk's logits are recomputed in backward instead of kept."""
     B, T = batch.input_ids.shape
     sel = (batch.valid & (torch.arange(T, device=batch.device) > 0)) if all_tokens else batch.response_mask
     b_idx, t_idx = sel.nonzero(as_tuple=True)
-    h = hidden_states(model, batch, attn)
     rows = h[b_idx, batch.predictor[b_idx, t_idx]]  # only the rows that predict a scored token
     targets = batch.input_ids[b_idx, t_idx]
     head = _unwrap(model).get_output_embeddings()
+    chunk_tokens = chunk_tokens or logprob_chunk_rows(_head_vocab(head))
     lps, ents = [], []
     n = rows.shape[0]
     for i in range(0, max(n, 1), chunk_tokens):
@@ -285,9 +458,14 @@ def _token_logprobs_one(model, batch, temperature, return_entropy, all_tokens, a
     return logp, ent.index_put((b_idx, t_idx), torch.cat(ents)[:n])
 
 
+def _token_logprobs_one(model, batch, temperature, return_entropy, all_tokens, attn, chunk_tokens, attn_chunk):
+    h = hidden_states(model, batch, attn, attn_chunk)
+    return logprobs_from_hidden(model, batch, h, temperature, return_entropy, all_tokens, chunk_tokens)
+
+
 def token_logprobs(model: nn.Module, batch: TokenBatch, temperature: float = 1.0, return_entropy: bool = False,
                    micro_batch_size: int | None = None, all_tokens: bool = False, attn: str = "auto",
-                   chunk_tokens: int = 1024):
+                   chunk_tokens: int | None = None, attn_chunk: int | None = None):
     """Logprobs ``[B, T]`` (float32) of the batch's tokens under ``model``, with the parallel layout.
 
     ``logprob[b, t] = log_softmax(logits[b, predictor[b, t]] / temperature)[input_ids[b, t]]``, for every
@@ -295,12 +473,15 @@ def token_logprobs(model: nn.Module, batch: TokenBatch, temperature: float = 1.0
     With ``return_entropy`` it returns ``(logprobs, entropy)``, the entropy of the same distributions.
 
     ``micro_batch_size`` runs the rows in chunks (for no-grad scoring of big batches); ``chunk_tokens``
-    bounds the ``[tokens, vocab]`` logits held at once (chunks are recomputed in backward when grad is on).
-    ``attn``: ``"bias"`` (additive float mask, eager/SDPA), ``"flex"`` (block mask; the model must use
-    ``flex_attention``), or ``"auto"`` (the one that fits the model).
+    bounds the ``[tokens, vocab]`` logits held at once (default :func:`logprob_chunk_rows`: ~128 MiB of fp32;
+    chunks are recomputed in backward when grad is on).
+    ``attn``: ``"bias"`` (one additive ``[B, 1, T, T]`` float mask, eager/SDPA; short sequences), ``"chunked"``
+    (query chunks of ``attn_chunk`` rows, each with its own ``[rows, T]`` mask, checkpointed: memory linear in
+    ``T``, any device), ``"flex"`` (a FlexAttention block mask; the model must use ``flex_attention``), or
+    ``"auto"`` (:func:`resolve_attn`: flex for a flex model, else bias when the mask is small, else chunked).
     """
     parts = batch.split(micro_batch_size, trim=8) if micro_batch_size else [batch]
-    outs = [_token_logprobs_one(model, mb, temperature, return_entropy, all_tokens, attn, chunk_tokens)
+    outs = [_token_logprobs_one(model, mb, temperature, return_entropy, all_tokens, attn, chunk_tokens, attn_chunk)
             for mb in parts]
     if len(outs) == 1:
         lp, ent = outs[0]
@@ -322,4 +503,6 @@ def sft_loss(model: nn.Module, batch: TokenBatch, num_tokens: int | None = None,
     return -(lp * batch.loss_mask).sum() / max(n, 1)
 
 
-__all__ = ["Sample", "TokenBatch", "build_batch", "hidden_states", "sft_loss", "token_logprobs"]
+__all__ = ["ChunkedLayout", "Sample", "TokenBatch", "attention_chunk_rows", "build_batch", "chunked_attention_forward",
+           "hidden_states", "logprob_chunk_rows", "logprobs_from_hidden", "register_chunked_attention", "resolve_attn",
+           "sft_loss", "token_logprobs", "use_chunked_attention"]

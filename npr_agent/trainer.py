@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,17 +32,74 @@ import torch
 
 import npr_env
 from npr_env import rewards as R
+from npr_env.convert import parallel_ids
 from npr_env.graph import ExecutionGraph
-from npr_env.tasks import Problem
+from npr_env.prompts import PromptConfig, prompt_ids, save_prompt_config
+from npr_env.tasks import Problem, TaskFormatError
 
 from . import checkpoint as ckpt
 from .algorithms import RolloutInfo, make_algorithm
-from .config import RLConfig, SFTConfig, TrainConfig
+from .config import ConfigError, RLConfig, SFTConfig, TrainConfig, validate
 from .distributed import LOCAL, Dist, policy_update, sft_update, unwrap
+from .files import atomic_write_jsonl, atomic_write_text
 from .logger import RunLogger, plot_summary, postfix, progress
 from .policy import Sample
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
+
+
+def check_inputs(cfg: TrainConfig, stages: tuple[str, ...], run_dir: str | Path | None = None) -> None:
+    """Everything a run can refuse before it starts (and before its run folder exists): the config's values,
+    the stage names, the finished stages the first one builds on (in ``run_dir``), and the problem file
+    (readable, large enough to hold problems out, with the worked solutions stage 0 needs). Raises
+    ``ConfigError`` or ``TaskFormatError`` naming the key or the file."""
+    validate(cfg)
+    for s in stages:
+        if s not in STAGES:
+            raise ConfigError(f"--stage: unknown stage {s!r}; stages are {', '.join(STAGES)}")
+    needs = {"stage1": ["stage0"] if cfg.model.path is None else [], "stage3": ["stage2"],
+             "stage2": ["stage1"] + (["stage0"] if cfg.model.path is None else [])}
+    for s in stages:
+        for prev in needs.get(s, []):
+            done = run_dir is not None and (Path(run_dir) / prev / "DONE").exists()
+            if prev not in stages and not done:
+                raise ConfigError(f"--stage {s} builds on {prev}, which is neither among the stages to run nor "
+                                  f"finished in {run_dir or 'the run folder (pass --out)'}")
+    path = cfg.tasks.benchmark
+    if not path:
+        return
+    try:
+        problems = npr_env.tasks.load_problems(path)
+    except RecursionError:
+        raise TaskFormatError(f"{path}: nested too deeply to read") from None
+    split_heldout(problems, cfg.tasks.eval_size, cfg.seed, where=path, quiet=True)
+    if "stage0" in stages and cfg.model.path is None:
+        have = [p for p in problems if {"sequential", "parallel"} <= set(p.solutions)]
+        if len(have) < len(problems):
+            raise TaskFormatError(
+                f"{path}: stage 0 trains the tiny seed on worked solutions in both styles (sequential and "
+                f"parallel), which {len(problems) - len(have)} of its {len(problems)} problems lack; start from "
+                "a pretrained model (model.path) or leave stage 0 out (--stage stage1,stage2,stage3)")
+
+
+def split_heldout(problems: list[Problem], eval_size: int, seed: int, where: str = "the problem file",
+                  quiet: bool = False):
+    """Shuffle ``problems`` with ``seed`` and hold out ``eval_size`` of them; the rest is for training.
+
+    A file too small to hold out ``eval_size`` and still train on most of it holds out a fifth instead (with a
+    printed warning); held-out problems are never trained on.
+    """
+    if len(problems) < 2:
+        raise TaskFormatError(f"{where}: {len(problems)} problem(s); training needs at least 2 (one held out)")
+    problems = list(problems)
+    random.Random(seed).shuffle(problems)
+    n = eval_size
+    if n > len(problems) // 2:
+        n = max(1, len(problems) // 5)
+        if not quiet:
+            print(f"warning: {where} has {len(problems)} problems, too few to hold out tasks.eval_size={eval_size}; "
+              f"holding out {n} and training on the other {len(problems) - n}")
+    return problems[n:], problems[:n]
 
 
 class Interrupted(RuntimeError):
@@ -95,6 +153,7 @@ class NPRTrainer:
         self.resume = resume
         self.show_progress = show_progress
         self.stop_after: dict[str, int] = {}  # stage -> step: stop there, as if killed right after its checkpoint
+        validate(cfg)
         self.setup()
 
     # -- setup ----------------------------------------------------------------------------------------------
@@ -110,18 +169,22 @@ class NPRTrainer:
         self.summary = json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
 
     def _tasks(self):
+        """Training problems and the held-out problems, disjoint for any file size; ``heldout.jsonl`` records
+        which problems were held out."""
         t = self.cfg.tasks
         if t.benchmark:
-            problems = npr_env.tasks.load_problems(t.benchmark)
-            rng = random.Random(self.cfg.seed)
-            rng.shuffle(problems)
-            held = problems[: t.eval_size]
-            return problems[t.eval_size:] or problems, held
-        train = npr_env.tasks.GroupSumTasks(seed=self.cfg.seed, num_subproblems=t.num_subproblems,
-                                           terms=t.terms, split="train")
-        test = npr_env.tasks.GroupSumTasks(seed=self.cfg.seed + 1, num_subproblems=t.num_subproblems,
-                                          terms=t.terms, split="test")
-        return train, test.sample(t.eval_size)
+            train, held = split_heldout(npr_env.tasks.load_problems(t.benchmark), t.eval_size, self.cfg.seed,
+                                        where=t.benchmark)
+        else:  # the procedural splits are disjoint by construction (a hash of the question picks the split)
+            train = npr_env.tasks.GroupSumTasks(seed=self.cfg.seed, num_subproblems=t.num_subproblems,
+                                               terms=t.terms, split="train")
+            test = npr_env.tasks.GroupSumTasks(seed=self.cfg.seed + 1, num_subproblems=t.num_subproblems,
+                                              terms=t.terms, split="test")
+            held = test.sample(t.eval_size)
+        if self.dist.is_main:
+            atomic_write_jsonl(self.run_dir / "heldout.jsonl",
+                               ({"id": p.id, "question": p.question, "answer": p.answer} for p in held))
+        return train, held
 
     def problems(self, stage: str, step: int, n: int) -> list[Problem]:
         """The problems of one step: a pure function of (seed, stage, step), so a resumed run sees the same."""
@@ -130,10 +193,14 @@ class NPRTrainer:
             return [self.train_tasks[(offset + i) % len(self.train_tasks)] for i in range(n)]
         return [self.train_tasks[offset + i] for i in range(n)]
 
+    @property
+    def prompt_config(self) -> PromptConfig:
+        """The run's prompt settings: every stage, rejection sampling and eval build prompts with them."""
+        t = self.cfg.tasks
+        return PromptConfig(instruction=t.instruction, chat_kwargs=dict(t.chat_kwargs))
+
     def prompt_ids(self, p: Problem) -> list[int]:
-        text = p.prompt(instruction=self.cfg.tasks.instruction)
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False)
+        return prompt_ids(self.tokenizer, p, self.prompt_config)
 
     def engine(self, model):
         """The rollout engine over ``model``'s current weights.
@@ -146,8 +213,10 @@ class NPRTrainer:
         if e.backend == "native":
             from engine import NPREngine
 
+            # KV pool: e.num_blocks, or (None) kv_mem_fraction of the free device memory (NPREngine docstring)
             return NPREngine(model, self.tokenizer, block_size=e.block_size, num_blocks=e.num_blocks,
-                             max_plans=e.max_plans, max_depth=e.max_depth, min_fork_budget=e.min_fork_budget)
+                             kv_mem_fraction=e.kv_mem_fraction, max_plans=e.max_plans, max_depth=e.max_depth,
+                             min_fork_budget=e.min_fork_budget)
         if e.backend != "sglang":
             raise ValueError(f"engine.backend must be 'native' or 'sglang', got {e.backend!r}")
         if getattr(self, "_sglang", None) is None:
@@ -157,17 +226,41 @@ class NPRTrainer:
             if self.dist.is_main:
                 ckpt.save_policy(unwrap(model), self.tokenizer, path)
             self.dist.barrier()
+            extra = {}
+            if self.dist.param_dtype:  # serve in the learner's compute dtype (the checkpoint holds fp32 masters)
+                extra["dtype"] = self.dist.param_dtype
             self._sglang = SGLangEngine(str(path), tokenizer=self.tokenizer, base_gpu_id=self.dist.local_rank,
-                                        mem_fraction_static=e.sglang_mem_fraction, max_plans=e.max_plans,
-                                        max_depth=e.max_depth, min_fork_budget=e.min_fork_budget)
+                                        mem_fraction_static=e.sglang_mem_fraction, memory_saver=e.memory_saver,
+                                        max_plans=e.max_plans, max_depth=e.max_depth,
+                                        min_fork_budget=e.min_fork_budget, **extra)
         else:
             self.sync_engine(self._sglang, model)
         return self._sglang
 
     def sync_engine(self, engine, model) -> None:
-        """Push the learner's weights into an engine that holds its own copy (SGLang); native engines share."""
+        """Push the learner's weights into an engine that holds its own copy (SGLang); native engines share.
+
+        The parameters are gathered (FSDP2) and sent in buckets of ``engine.sync_bucket_mb``, cast to the dtype
+        the engine serves in, so a rank never holds the whole gathered state dict.
+        """
         if self.cfg.engine.backend != "native":
-            engine.load_weights(self.dist.full_state_dict(model, rank0_only=False))
+            buckets = self.dist.iter_state_dict_buckets(model, bucket_bytes=self.cfg.engine.sync_bucket_mb << 20,
+                                                        dtype=getattr(engine, "weight_dtype", None))
+            engine.load_weights(buckets)
+
+    @contextmanager
+    def engine_memory_released(self, engine):
+        """The rollout engine's KV memory freed inside the block (``engine.memory_saver``; else nothing happens):
+        SGLang releases its ``kv_cache`` region, the native engine drops its pool's tensors. Restored on exit,
+        before the weight sync and the next rollout."""
+        if not self.cfg.engine.memory_saver or not hasattr(engine, "release_memory"):
+            yield
+            return
+        engine.release_memory()
+        try:
+            yield
+        finally:
+            engine.resume_memory()
 
     def sampling(self, temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int):
         from engine import SamplingParams
@@ -194,10 +287,11 @@ class NPRTrainer:
         return self.summary
 
     def _save_summary(self):
-        self.summary_path.write_text(json.dumps(self.summary, indent=2, sort_keys=True))
+        atomic_write_text(self.summary_path, json.dumps(self.summary, indent=2, sort_keys=True))
 
     def _finish_stage(self, stage: str, model, result: EvalResult | None, extra: dict | None = None):
         out = ckpt.save_policy(model, self.tokenizer, self.run_dir / stage)
+        save_prompt_config(self.prompt_config, out)  # `npr eval` / `npr rollout` prompt as training did
         entry = {"checkpoint": str(out), **(extra or {})}
         if result is not None:
             entry["eval"] = result.__dict__
@@ -210,18 +304,21 @@ class NPRTrainer:
 
     def load_stage(self, stage: str):
         path = self.run_dir / stage
-        if not (path / "config.json").exists():
+        if not (path / "DONE").exists():  # a checkpoint without DONE was cut short (killed while saving)
             if stage == "stage0" and self.cfg.model.path is not None:
                 return self.fresh_model()
-            raise FileNotFoundError(f"{path}: no checkpoint of {stage}; run that stage first (npr train --stage "
+            what = "an unfinished checkpoint (no DONE marker)" if (path / "config.json").exists() else "no checkpoint"
+            raise FileNotFoundError(f"{path}: {what} of {stage}; run that stage first (npr train --stage "
                                     f"{stage} --out {self.run_dir})")
-        return ckpt.load_pretrained(path, ckpt.DTYPES[self.cfg.model.dtype]).to(self.device)
+        return ckpt.load_pretrained(path, ckpt.DTYPES[self.cfg.model.dtype],
+                                    gradient_checkpointing=self.cfg.model.gradient_checkpointing).to(self.device)
 
     def seed_stage(self) -> str:
         return "stage0" if "stage0" in self.cfg.stages or self.cfg.model.path is None else "base"
 
     def fresh_model(self):
-        return ckpt.build_model(self.cfg.model, self.tokenizer, self.device, seed=self.cfg.seed)
+        return ckpt.build_model(self.cfg.model, self.tokenizer, self.device, seed=self.cfg.seed,
+                                gradient_checkpointing=self.cfg.model.gradient_checkpointing)
 
     def seed_model(self):
         """The seed policy: stage 0's output for the tiny preset, the pretrained model otherwise."""
@@ -240,16 +337,18 @@ class NPRTrainer:
             rng = random.Random(self.cfg.seed * 7919 + step)
             for p in self.problems("stage0", step, cfg.batch_size):
                 style = "parallel" if rng.random() < rng_frac else "sequential"
-                out.append(self.sft_sample(p, p.solutions[style], layout="sequential"))
+                out.append(self.sft_sample(p, p.solutions[style], layout="sequential", spelled=cfg.spelled_tags))
             return out
 
         self.sft("stage0", model, data, cfg)
         self._finish_stage("stage0", model, self.evaluate(model, "stage0", mode="sequential"))
         return model
 
-    def sft_sample(self, p: Problem, response: str, layout: str) -> Sample:
+    def sft_sample(self, p: Problem, response: str, layout: str, spelled: bool = False) -> Sample:
+        """An SFT sample of ``response``; ``spelled`` writes its tags in ordinary pieces (not tag tokens)."""
         prompt = self.prompt_ids(p)
-        resp = self.tokenizer.encode(response, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        resp = self.tokenizer.encode(response, add_special_tokens=False, split_special_tokens=spelled)
+        resp = resp + [self.tokenizer.eos_token_id]
         g = ExecutionGraph.from_token_ids(prompt + resp, self.tokenizer, prompt_len=len(prompt),
                                           constraints="relaxed", layout=layout)
         return Sample.from_graph(g)
@@ -293,6 +392,9 @@ class NPRTrainer:
 
     def _maybe_resume(self, stage, model, opt, sched) -> int:
         state = self.run_dir / f"{stage}.state.pt"
+        if self.resume and self.dist.is_main:  # the killed attempt's rows after the point we resume from
+            since = state if state.exists() else self.run_dir / "stage2_data.jsonl" if stage == "stage2" else None
+            self.logger.drop_after(stage, since.stat().st_mtime if since is not None and since.exists() else -1.0)
         if self.resume and state.exists():
             s = self.dist.load_train_state(state, model, opt, sched)
             print(f"[{stage}] resumed at step {s['step']} from {state}")
@@ -312,18 +414,17 @@ class NPRTrainer:
         data_path = self.run_dir / "stage2_data.jsonl"
         if not (self.resume and data_path.exists()):
             kept = self.rejection_sample(self.load_stage("stage1"), cfg)
-            if self.dist.is_main:  # every rank sampled the same; one writes
-                with data_path.open("w") as f:
-                    for prompt, resp in kept:
-                        f.write(json.dumps({"prompt_ids": prompt, "response_ids": resp}) + "\n")
+            if self.dist.is_main:  # every rank sampled the same; one writes (atomically: resume trusts it)
+                atomic_write_jsonl(data_path, kept)
         self.dist.barrier()
-        rows = [json.loads(line) for line in data_path.read_text().splitlines() if line.strip()]
+        rows = [row for _, row in npr_env.tasks.iter_rows(data_path, what="stage-2 trajectories")]
         if not rows:
             raise RuntimeError("stage2: rejection sampling kept no trajectory (no correct, format-perfect sample); "
                                "train stage 1 longer or raise stage2.tries")
         samples = []
-        for r in rows:
-            g = ExecutionGraph.from_token_ids(r["prompt_ids"] + r["response_ids"], self.tokenizer,
+        for r in rows:  # SFT reads the tag-token form; files from before it was recorded hold only the sampled one
+            resp = r.get("tagged_ids", r["response_ids"])
+            g = ExecutionGraph.from_token_ids(r["prompt_ids"] + resp, self.tokenizer,
                                               prompt_len=len(r["prompt_ids"]), constraints="strict",
                                               layout="parallel")
             samples.append(Sample.from_graph(g))
@@ -345,8 +446,13 @@ class NPRTrainer:
         """Make every tag a single special token with a mean-of-subtokens embedding (a no-op when it is already)."""
         npr_env.add_npr_tokens(self.tokenizer, model)
 
-    def rejection_sample(self, model, cfg) -> list[tuple[list[int], list[int]]]:
+    def rejection_sample(self, model, cfg) -> list[dict]:
         """Up to ``tries`` samples per problem; keep the first correct one whose strict format score is 0.
+
+        Each kept trajectory is a row of ``stage2_data.jsonl`` in both forms: ``response_ids`` as sampled
+        (sequential decoding; a real model may spell its tags in text pieces) and ``tagged_ids``, the same text
+        in the parallel layout's token form (``npr_env.convert.parallel_ids``: every tag its tag token, the
+        engine's forced ``N:`` after each ``<step>``), which stage 2 trains on under the parallel layout. ``spelled_tags`` counts the tags the conversion turned into tag tokens.
 
         Tries are drawn in rounds (``tries_per_round`` per open problem), so a problem solved early costs no
         more samples; the result is the same as drawing all tries and keeping the first good one. Problems come
@@ -357,7 +463,7 @@ class NPRTrainer:
         counts = {"valid": 0, "correct": 0, "drawn": 0}
         t0 = time.time()
         problems: list[Problem] = []
-        kept: list[tuple[list[int], list[int]]] = []
+        kept: list[dict] = []
         kept_for: set[int] = set()  # indices into `problems`
         cap = max(cfg.max_problems, cfg.num_problems)  # the first batch is never cut
         for b in itertools.count():
@@ -380,7 +486,8 @@ class NPRTrainer:
                     break
                 if i not in kept_for and "parallel" in p.solutions:
                     resp = self.tokenizer.encode(p.solutions["parallel"], add_special_tokens=False) + eos
-                    kept.append((self.prompt_ids(p), resp))
+                    kept.append({"prompt_ids": self.prompt_ids(p), "response_ids": resp, "tagged_ids": resp,
+                                 "spelled_tags": 0, "source": "solution"})
             print(f"[stage2] rejection sampling kept {sampled}; added {len(kept) - sampled} worked solutions "
                   f"to reach min_kept={cfg.min_kept}")
         total = max(1, counts["drawn"])
@@ -394,9 +501,9 @@ class NPRTrainer:
         return kept
 
     def _reject_batch(self, engine, problems: list[Problem], cfg, batch_index: int,
-                      counts: dict[str, int]) -> dict[int, tuple[list[int], list[int]]]:
-        """One batch of rejection sampling: {index in `problems`: (prompt ids, response ids)} of those kept."""
-        kept: dict[int, tuple[list[int], list[int]]] = {}
+                      counts: dict[str, int]) -> dict[int, dict]:
+        """One batch of rejection sampling: {index in `problems`: data row (see rejection_sample)} of those kept."""
+        kept: dict[int, dict] = {}
         bar = progress(len(problems), "stage2 rejection sampling", disable=not self.show_progress)
         per_round = max(1, min(cfg.tries, cfg.tries_per_round))
         for start in range(0, cfg.tries, per_round):
@@ -415,7 +522,9 @@ class NPRTrainer:
                         counts["valid"] += res.valid
                         counts["correct"] += bool(res.correct)
                         if res.valid and res.correct and not r.truncated:
-                            kept[i] = (list(r.prompt_ids), list(r.token_ids))
+                            kept[i] = {"prompt_ids": list(r.prompt_ids), "response_ids": list(r.token_ids),
+                                       "tagged_ids": parallel_ids(r.graph.response_text(), self.tokenizer),
+                                       "spelled_tags": r.graph.spelled_tags, "source": "sampled"}
                             bar.update(1)
                             break
                 bar.set_postfix(kept=len(kept), drawn=counts["drawn"])
@@ -481,6 +590,8 @@ class NPRTrainer:
             "accuracy/train": float(np.mean([bool(res.correct) for res in results])),
             "format/valid_rate": float(np.mean(valid)),
             "format/score_mean": float(np.mean([res.format_score for res in results])),
+            # share of rollouts that spell a tag in text pieces (judged on their text in the sequential layout)
+            "format/spelled_rate": float(np.mean([r.graph.spelled_tags > 0 for r in rollouts])),
             "length/total_tokens": float(np.mean([r.graph.stats.total_tokens for r in rollouts])),
             "length/critical_path": float(np.mean([r.graph.stats.critical_path_tokens for r in rollouts])),
             "length/truncated_rate": float(np.mean([r.truncated for r in rollouts])),
@@ -493,9 +604,10 @@ class NPRTrainer:
         kept = [r for r, k in zip(rollouts, prep.keep) if k]
         adv_kept = torch.tensor(prep.advantages[prep.keep], dtype=torch.float32, device=self.device)
         t1 = time.time()
-        m.update(policy_update(model, algo, kept, adv_kept, opt, micro_batch_size=cfg.micro_batch_size,
-                               grad_clip=cfg.grad_clip, temperature=cfg.temperature, device=self.device,
-                               dist=self.dist))
+        with self.engine_memory_released(engine):  # engine.memory_saver: its KV memory serves the update
+            m.update(policy_update(model, algo, kept, adv_kept, opt, micro_batch_size=cfg.micro_batch_size,
+                                   grad_clip=cfg.grad_clip, temperature=cfg.temperature, device=self.device,
+                                   dist=self.dist, check=rollouts))
         m["perf/update_s"] = time.time() - t1
         return self.dist.reduce_metrics(m, weight=len(rollouts))
 

@@ -59,6 +59,8 @@ TOO_MANY_PLANS = _c("TOO_MANY_PLANS", "a <guideline> has more plans than allowed
 DEPTH_EXCEEDED = _c("DEPTH_EXCEEDED", "blocks are nested deeper than allowed", 1.0)
 MISSING_ANSWER = _c("MISSING_ANSWER", "the text after the last block has no non-empty \\boxed{}", 1.0)
 TEXT_AFTER_EOS = _c("TEXT_AFTER_EOS", "tokens after the end-of-sequence token", 1.0)
+SPELLED_TAG = _c("SPELLED_TAG", "a tag written as ordinary text pieces; the parallel layout needs every tag as its "
+                 "single tag token (npr_env.add_npr_tokens, stage 2)", 1.5)
 # Content (soft penalties).
 EMPTY_PLAN = _c("EMPTY_PLAN", "a plan has fewer than 3 characters after its number", 0.4, hard=False)
 EMPTY_STEP = _c("EMPTY_STEP", "a step has fewer than 6 characters after its number", 0.4, hard=False)
@@ -71,7 +73,7 @@ STEP_NUMBER_MISMATCH = _c("STEP_NUMBER_MISMATCH", "step i does not carry the num
 ALL: tuple[Constraint, ...] = (
     NO_BLOCK, NO_PARALLEL_BLOCK, NO_PLANS, PLAN_STEP_COUNT_MISMATCH, NESTED_STEP, STEP_OUTSIDE_BLOCK,
     MISPLACED_TAG, UNCLOSED_TAG, STRAY_CLOSING_TAG, MISSING_TAKEAWAY, TOO_MANY_PLANS, DEPTH_EXCEEDED,
-    MISSING_ANSWER, TEXT_AFTER_EOS, EMPTY_PLAN, EMPTY_STEP, EMPTY_TAKEAWAY, TEXT_BETWEEN_TAGS, UNNUMBERED_PLAN,
+    MISSING_ANSWER, TEXT_AFTER_EOS, SPELLED_TAG, EMPTY_PLAN, EMPTY_STEP, EMPTY_TAKEAWAY, TEXT_BETWEEN_TAGS, UNNUMBERED_PLAN,
     STEP_NUMBER_MISMATCH,
 )
 BY_CODE = {c.code: c for c in ALL}

@@ -25,11 +25,15 @@ causal, blocks decoded one step after another) and ``"orchestrated"`` (what a st
 when fork/join is orchestrated as separate requests: see :meth:`ExecutionGraph.scoring_view`).
 
 Verdicts. The parser never raises on model output: every token sequence gives the same violations twice.
+In the sequential layout the verdict is the *text's*: a response that spells its tags in ordinary pieces
+(what a real model writes before stage 2 teaches it the tag tokens) is judged on its :meth:`canonical` form,
+the same text re-tokenised, so tokenisation never changes a verdict. The parallel layout needs every tag as
+its single token (tags drive forks and positions): a spelled tag there is the hard violation ``SPELLED_TAG``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import numpy as np
@@ -225,6 +229,7 @@ class ExecutionGraph:
         self.prompt_len = 0
         self._version = 0
         self._cache: dict = {}
+        self._is_canonical = False  # built by canonical(): its text is its tokens
         for t in prompt_ids:
             self._push(self.root, int(t), KIND_PROMPT)
         self.prompt_len = len(self.root.ids)
@@ -465,12 +470,90 @@ class ExecutionGraph:
         """Dense bool [L, L]; True means "may attend". Causal in serialized order."""
         return self.layout().dense_mask()
 
+    # -- text: what decides the verdict of a sequential graph --------------------------------------------
+    @property
+    def spelled_tags(self) -> int:
+        """How many tags the response writes as ordinary text pieces instead of tag tokens.
+
+        A real model spells ``<guideline>`` as ``<``, ``guid``, ``eline``, ``>\\n`` until stage 2 teaches it the
+        tag tokens. Counted on the decoded text: occurrences of each tag minus the tag tokens (a tag token's
+        text can never be part of another occurrence, so the difference is exactly the spelled ones).
+        """
+        hit = self._cache.get("spelled")
+        if hit is not None and hit[0] == self._version:
+            return hit[1]
+        text = self.response_text()
+        n = sum(text.count(t) for t in TAGS) - sum(1 for i in self.response_ids if i in self.vocab.tag_of)
+        self._cache["spelled"] = (self._version, n)
+        return n
+
+    def canonical(self, partial: bool = False) -> ExecutionGraph:
+        """This graph re-read from its response text: the text tokenised afresh, so every tag is its tag token.
+
+        It is what stage 2 trains on (the kept trajectories converted to the tag tokens) and what decides the
+        verdict of a sequential graph that spells its tags. ``partial``: the response is a prefix still being
+        decoded, so a trailing piece that may still grow into a tag (``<gui``) is left out.
+        """
+        key = (self._version, partial)
+        hit = self._cache.get("canonical")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        text = self.response_text()
+        if partial:
+            cut = text.rfind("<")
+            if cut >= 0 and any(t.startswith(text[cut:]) and t != text[cut:] for t in TAGS):
+                text = text[:cut]
+        tok = self.vocab.tokenizer
+        g = ExecutionGraph(tok, self.root.ids[:self.prompt_len], constraints=self.constraints,
+                           layout=self.layout_kind)
+        g._is_canonical = True
+        cur = g.cursor()
+        for t in tok.encode(text, add_special_tokens=False):
+            cur.append(t)
+        self._cache["canonical"] = (key, g)
+        return g
+
+    def _text_decides(self) -> bool:
+        """Invariant 8: in the sequential layout the verdict is the text's, however it was tokenised."""
+        return self.layout_kind == "sequential" and not self._is_canonical and self.spelled_tags > 0
+
+    def _index_from_canonical(self, canon: ExecutionGraph, index: int) -> int:
+        """The serialized index in this graph of the token at ``index`` in ``canon`` (matched by characters)."""
+        if index < self.prompt_len:
+            return index
+        ids = canon.response_ids
+        k = index - self.prompt_len
+        char = len(canon.vocab.decode(ids[:k]))
+        own = self.response_ids
+        seen = 0
+        for j, t in enumerate(own):
+            seen += len(self.vocab.decode([t]))
+            if seen > char:
+                return self.prompt_len + j
+        return self.prompt_len + max(0, len(own) - 1)
+
     # -- verdict ----------------------------------------------------------------------------------------
     def _violations(self, at_end: bool) -> list[C.Violation]:
+        key = (self._version, at_end)
+        hit = self._cache.get("violations")
+        if hit is not None and hit[0] == key:
+            return list(hit[1])
+        if self._text_decides():
+            canon = self.canonical(partial=not at_end)
+            out = [v if v.index < 0 else replace(v, index=self._index_from_canonical(canon, v.index))
+                   for v in canon._violations(at_end)]
+        else:
+            out = self._own_violations(at_end)
+        self._cache["violations"] = (key, out)
+        return list(out)
+
+    def _own_violations(self, at_end: bool) -> list[C.Violation]:
         cs = self.constraints
         found = list(self._found)
         if at_end:
             found += self._end_checks()
+        if self.layout_kind != "sequential" and not self._is_canonical and self.spelled_tags > 0:
+            found.append(("SPELLED_TAG", self.root, -1, f"{self.spelled_tags} tag(s) spelled in text pieces"))
         out, seen = [], set()
         for code, t, local, detail in found:
             c = cs.get(code)
@@ -537,12 +620,19 @@ class ExecutionGraph:
 
     def final_text(self) -> str:
         """The root's text after the last block (where the answer is), without the EOS token."""
+        if self._text_decides():
+            return self.canonical().final_text()
         r = self.root
         tail = [i for i, k in zip(r.ids[r.final_start:], r.kinds[r.final_start:]) if k != KIND_EOS]
         return self.vocab.decode(tail)
 
     @property
     def stats(self) -> GraphStats:
+        """Blocks, branches and token counts; a sequential graph that spells its tags is counted on its text
+        (:meth:`canonical`: every tag one token), like its verdict."""
+        if self._text_decides():
+            return self.canonical().stats
+
         def critical(t: Trace) -> int:
             n = sum(1 for k in t.kinds if k != KIND_PROMPT)
             for b in t.blocks:
@@ -559,6 +649,8 @@ class ExecutionGraph:
 
     def outline(self) -> dict:
         """The graph as nested dicts (for rendering, JSON and tests)."""
+        if self._text_decides():
+            return self.canonical().outline()
         dec = self.vocab.decode
 
         def trace_items(t: Trace, start: int) -> list:

@@ -6,7 +6,9 @@ visibility are computed). This module only *reads* it:
 * ``Layout.dense_mask()``: ``[L, L]`` bool, for tests and small inputs;
 * ``collate`` + ``attention_bias``: a batch of compact layouts to an additive float mask built on the device,
   ``O(B * T * D)`` numbers on the host instead of ``B * T * T``;
-* ``flex_mask_mod``: the same rule as a FlexAttention ``mask_mod``;
+* ``allowed_rows`` / ``attention_bias_rows``: one query chunk ``[rows, T]`` of that mask (the chunked
+  attention of ``npr_agent.policy`` builds only these, so its memory grows linearly with ``T``);
+* ``flex_mask_mod`` / ``flex_block_mask``: the same rule as a FlexAttention ``mask_mod`` and ``BlockMask``;
 * ``predictor_indices``: for each token, the row whose logits predict it (the latest token it may see).
 """
 
@@ -86,22 +88,50 @@ def collate(layouts: list[Layout], pad_to: int | None = None) -> dict[str, np.nd
     return {"position_ids": pos, "hide_lo": lo, "hide_hi": hi, "valid": valid}
 
 
-def allowed_mask(hide_lo, hide_hi, valid):
-    """Torch bool ``[B, 1, T, T]`` built on the tensors' device: causal, minus hidden intervals, minus padding.
+def allowed_rows(hide_lo, hide_hi, valid, q0: int = 0, q1: int | None = None, k_len: int | None = None):
+    """Rows ``q0:q1`` of :func:`allowed_mask`, columns ``0:k_len``: torch bool ``[B, 1, q1 - q0, k_len]``.
 
-    A padding row attends to itself only, so no row is empty (an empty row gives NaN in softmax).
+    Built on the tensors' device from the compact layout only, so a query chunk costs ``O(B * rows * k_len)``.
+    ``k_len`` defaults to ``q1``: no row sees a later column, so the columns past the chunk are never needed.
     """
     import torch
 
     B, T, D = hide_lo.shape
-    idx = torch.arange(T, device=hide_lo.device)
-    q, k = idx[:, None], idx[None, :]
-    allowed = (k <= q).unsqueeze(0) & valid[:, None, :]
+    q1 = T if q1 is None else q1
+    k_len = q1 if k_len is None else k_len
+    if not (0 <= q0 <= q1 <= T and 0 < k_len <= T):
+        raise ValueError(f"rows {q0}:{q1} / {k_len} columns outside a layout of {T} tokens")
+    dev = hide_lo.device
+    q = torch.arange(q0, q1, device=dev)[:, None]
+    k = torch.arange(k_len, device=dev)[None, :]
+    allowed = (k <= q).unsqueeze(0) & valid[:, None, :k_len]
     for d in range(D):
-        lo, hi = hide_lo[:, :, d, None], hide_hi[:, :, d, None]
+        lo, hi = hide_lo[:, q0:q1, d, None], hide_hi[:, q0:q1, d, None]
         allowed = allowed & ~((k >= lo) & (k < hi))
-    allowed = allowed | ((~valid)[:, :, None] & (q == k).unsqueeze(0))
+    allowed = allowed | ((~valid[:, q0:q1])[:, :, None] & (q == k).unsqueeze(0))
     return allowed.unsqueeze(1)
+
+
+def allowed_mask(hide_lo, hide_hi, valid):
+    """Torch bool ``[B, 1, T, T]`` built on the tensors' device: causal, minus hidden intervals, minus padding.
+
+    A padding row sees itself (and the valid tokens before it), so no row is empty (an empty row gives NaN in
+    softmax). Dense: for tests and short sequences; :func:`allowed_rows` builds one query chunk of it.
+    """
+    T = hide_lo.shape[1]
+    return allowed_rows(hide_lo, hide_hi, valid, 0, T, T)
+
+
+def attention_bias_rows(hide_lo, hide_hi, valid, q0: int = 0, q1: int | None = None, k_len: int | None = None,
+                        dtype=None):
+    """Additive float mask ``[B, 1, q1 - q0, k_len]`` of rows ``q0:q1`` (0 where allowed, the dtype's minimum
+    elsewhere): one query chunk of :func:`attention_bias`, built on the device from the compact layout."""
+    import torch
+
+    dtype = dtype or torch.float32
+    allowed = allowed_rows(hide_lo, hide_hi, valid, q0, q1, k_len)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def attention_bias(hide_lo, hide_hi, valid, dtype=None):
@@ -109,16 +139,16 @@ def attention_bias(hide_lo, hide_hi, valid, dtype=None):
 
     Never pass a boolean 4-D mask to an eager attention: it is silently misread there.
     """
-    import torch
-
-    dtype = dtype or torch.float32
-    allowed = allowed_mask(hide_lo, hide_hi, valid)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    T = hide_lo.shape[1]
+    return attention_bias_rows(hide_lo, hide_hi, valid, 0, T, T, dtype=dtype)
 
 
 def flex_mask_mod(hide_lo, hide_hi, valid):
-    """A FlexAttention ``mask_mod(b, h, q, k)`` for the same rule (for long sequences on GPU)."""
+    """A FlexAttention ``mask_mod(b, h, q, k)`` for the same rule (for long sequences on GPU).
+
+    It indexes the tensors at ``q`` and ``k``: give it tensors that cover every index the kernel may evaluate
+    (:func:`flex_block_mask` pads them to a whole number of blocks).
+    """
     D = hide_lo.shape[-1]
 
     def mask_mod(b, h, q, k):
@@ -128,6 +158,48 @@ def flex_mask_mod(hide_lo, hide_hi, valid):
         return ok | (q == k)
 
     return mask_mod
+
+
+def flex_block_mask(hide_lo, hide_hi, valid, block_size: int = 128, budget: int = 1 << 24):
+    """A FlexAttention ``BlockMask`` for the layout, built on the tensors' device with no ``T x T`` mask.
+
+    The block structure (empty, partial or full ``block_size`` tiles) is reduced from query chunks of
+    :func:`allowed_rows`, at most ``budget`` booleans at a time; partial tiles keep :func:`flex_mask_mod`. The
+    compact tensors are padded to a whole number of blocks, so the kernel never indexes past them, and a tile
+    that holds any position past ``T`` is never "full" (the kernel then bound-checks it), as in
+    ``create_block_mask``. Host and device memory: ``O(B * T * D + B * (T / block_size) ** 2)``.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, T, D = hide_lo.shape
+    nb = -(-T // block_size)
+    Tp = nb * block_size
+    lo = F.pad(hide_lo, (0, 0, 0, Tp - T))
+    hi = F.pad(hide_hi, (0, 0, 0, Tp - T))
+    ok = F.pad(valid, (0, Tp - T), value=False)
+    in_range = torch.arange(Tp, device=hide_lo.device) < T
+    partial = torch.zeros(B, nb, nb, dtype=torch.bool, device=hide_lo.device)
+    full = torch.zeros_like(partial)
+    step = max(1, budget // max(1, B * Tp * block_size)) * block_size  # query rows per reduction
+    for r0 in range(0, Tp, step):
+        r1 = min(Tp, r0 + step)
+        a = allowed_rows(lo, hi, ok, r0, r1, Tp)[:, 0]
+        a = a & in_range[r0:r1, None] & in_range[None, :]
+        a = a.view(B, (r1 - r0) // block_size, block_size, nb, block_size)
+        some, every = a.any(dim=4).any(dim=2), a.all(dim=4).all(dim=2)
+        full[:, r0 // block_size:r1 // block_size] = every
+        partial[:, r0 // block_size:r1 // block_size] = some & ~every
+
+    def blocks(m):  # per query tile: how many kv tiles, and which (ascending, then the unused ones)
+        idx = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True)
+        return m.sum(-1).to(torch.int32)[:, None], idx.to(torch.int32)[:, None]
+
+    kv_num, kv_idx = blocks(partial)
+    full_num, full_idx = blocks(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=flex_mask_mod(lo, hi, ok), seq_lengths=(T, T))
 
 
 def to_torch(batch: dict[str, np.ndarray], device=None) -> dict:

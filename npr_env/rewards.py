@@ -1,6 +1,7 @@
 """Rewards: format score, accuracy, and the stage presets. Small pure functions of (response, gold).
 
-A response is either text or an :class:`~npr_env.graph.ExecutionGraph` (what the engine returns). Accuracy
+A response is either text or an :class:`~npr_env.graph.ExecutionGraph` (what the engine returns); a graph in
+the sequential layout is judged on its text, so tags spelled in ordinary pieces score as tag tokens do. Accuracy
 is *gated* on validity rather than topped up by a format bonus, so format can never pay for a wrong answer:
 
 * ``stage1`` (NPR-Zero, format discovery, relaxed constraints): a valid response earns ``+1``/``-1`` for
@@ -65,7 +66,8 @@ def _graph(response: str | ExecutionGraph, constraints: str | ConstraintSet, tok
         if same:
             return response
         return ExecutionGraph.from_token_ids(response.token_ids, response.vocab.tokenizer,
-                                             prompt_len=response.prompt_len, constraints=constraints)
+                                             prompt_len=response.prompt_len, constraints=constraints,
+                                             layout=response.layout_kind)
     return ExecutionGraph.from_text(_text(response), tokenizer, constraints=constraints)
 
 

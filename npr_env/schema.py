@@ -77,34 +77,55 @@ def build_prompt(problem: str, instruction: bool = True) -> str:
     return f"{problem}\n\n{INSTRUCTION}" if instruction else problem
 
 
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox|framebox) *\{")
+_BRACE = re.compile(r"[{}]")
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (``\\fbox``, ``\\framebox``) in ``text``, nested braces included.
 
-    None if absent.
+    None if absent. "Last" is the complete box whose macro starts last (a box nested in a box is therefore
+    the inner one); a box is complete when its ``{`` has a matching ``}`` (spaces may stand between the macro
+    and the brace). An unbalanced last box falls back to the one before it.
 
-    Linear time and never raises: an unbalanced last box falls back to the one before it.
+    One pass, linear time and memory whatever the input (a response of 30k unterminated ``\\boxed{`` costs
+    milliseconds), and never raises: the matching ``}`` of every ``{`` comes from one stack scan, then each
+    box macro is looked up once.
     """
-    best = None
-    for macro in ("\\boxed", "\\fbox", "\\framebox"):
-        start = text.rfind(macro)
-        while start >= 0:
-            i = start + len(macro)
-            while i < len(text) and text[i] == " ":
-                i += 1
-            if i < len(text) and text[i] == "{":
-                depth, j = 0, i
-                while j < len(text):
-                    ch = text[j]
-                    if ch == "{":
-                        depth += 1
-                    elif ch == "}":
-                        depth -= 1
-                        if depth == 0:
-                            break
-                    j += 1
-                if depth == 0 and j < len(text):
-                    if best is None or start > best[0]:
-                        best = (start, text[i + 1:j])
-                    break
-            start = text.rfind(macro, 0, start)
-    return best[1] if best else None
+    spans = _box_spans(text)
+    if not spans:
+        return None
+    i, j = spans[-1]  # spans go left to right by macro: the last complete one wins
+    return text[i + 1:j]
+
+
+def boxed_answers(text: str) -> list[str]:
+    """The contents of every outermost complete box of ``text``, left to right (a box inside a box is part of
+    the outer one's content). Linear time, like :func:`last_boxed`; ``[]`` when there is none."""
+    out, end = [], -1
+    for i, j in _box_spans(text):
+        if i > end:
+            out.append(text[i + 1:j])
+            end = j
+    return out
+
+
+def _box_spans(text: str) -> list[tuple[int, int]]:
+    """``(open, close)`` brace indices of every complete box, in the order of the macros."""
+    if not isinstance(text, str) or "box" not in text:
+        return []
+    close: dict[int, int] = {}  # index of "{" -> index of its matching "}"
+    stack: list[int] = []
+    for m in _BRACE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            close[stack.pop()] = m.start()
+    spans = []
+    for m in _BOX_OPEN.finditer(text):
+        i = m.end() - 1
+        j = close.get(i)
+        if j is not None:
+            spans.append((i, j))
+    return spans
+

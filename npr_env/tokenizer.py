@@ -64,29 +64,39 @@ def add_npr_tokens(tokenizer, model=None) -> list[int]:
     the tag name's sub-tokens: ``guideline`` for ``<guideline>``, ``/guideline`` for ``</guideline>``.
     Tags that are already single tokens are left alone. Returns the ids of the 8 tags.
     """
-    import torch
-
     existing = {t for t in TAGS if t in tokenizer.get_vocab()}
     new = [t for t in TAGS if t not in existing]
     if new:
         tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
     ids = [tokenizer.convert_tokens_to_ids(t) for t in TAGS]
     if model is not None and new:
-        old_rows = model.get_input_embeddings().weight.shape[0]
-        if max(ids) >= old_rows:
-            model.resize_token_embeddings(len(tokenizer))
-        emb = model.get_input_embeddings().weight
-        head = model.get_output_embeddings()
-        tied = head is None or head.weight.data_ptr() == emb.data_ptr()
-        with torch.no_grad():
-            for tag in new:
-                sub = tokenizer.encode(TAG_NAMES[tag], add_special_tokens=False)
-                sub = [s for s in sub if s < old_rows] or [0]
-                row = tokenizer.convert_tokens_to_ids(tag)
-                emb[row] = emb[sub].mean(0)
-                if not tied:
-                    head.weight[row] = head.weight[sub].mean(0)
+        init_tag_rows(tokenizer, model, new)
     return ids
+
+
+def init_tag_rows(tokenizer, model, tags=TAGS) -> None:
+    """Set each tag's embedding row (and lm_head row, when untied) to the mean of its name's sub-token rows.
+
+    The model is resized first when a tag id lies beyond its embedding (Qwen3's 151,936 rows already leave
+    room for the tags at 151,669..151,676).
+    """
+    import torch
+
+    tag_ids = {tokenizer.convert_tokens_to_ids(t) for t in TAGS}
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if max(tag_ids) >= old_rows:
+        model.resize_token_embeddings(len(tokenizer))
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight.data_ptr() == emb.data_ptr()
+    with torch.no_grad():
+        for tag in tags:
+            sub = tokenizer.encode(TAG_NAMES[tag], add_special_tokens=False)
+            sub = [s for s in sub if s < old_rows and s not in tag_ids] or [0]
+            row = tokenizer.convert_tokens_to_ids(tag)
+            emb[row] = emb[sub].mean(0)
+            if not tied:
+                head.weight[row] = head.weight[sub].mean(0)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,50 @@
-"""Answer extraction and equivalence checking, with a hard timeout that works anywhere.
+"""Answer extraction and equivalence checking, with a time budget counted in work, not wall time.
 
 ``verify(prediction_text, gold)`` takes the last ``\\boxed{...}`` of the prediction and asks whether it equals
 the gold answer. Two stages:
 
-1. A fast path in this process: normalized string equality (spaces, ``\\left``/``\\right``, ``\\dfrac``,
-   ``\\text{}``, degrees, thousands separators ...), exact numbers and fractions, multiple-choice letters. It
-   settles most rollouts (the procedural tasks' integer answers always) without any IPC.
+1. A fast path in this process: normalized string equality (``\\left``/``\\right``, ``\\dfrac``, ``\\text{}``,
+   degrees, thousands separators, spaces that separate nothing ...), exact numbers and fractions,
+   multiple-choice letters. It settles most rollouts (the procedural tasks' integer answers always) without any
+   IPC. A space between two digits is kept: ``2 3`` is not ``23``.
 2. math-verify, gold first (``verify(parse(gold), parse(pred))``: the check is asymmetric), in a small pool of
    persistent worker *subprocesses*. math-verify's own timeouts use ``signal.alarm``, which fails outside the
-   main thread, so they are switched off (``parsing_timeout=None``, ``timeout_seconds=None``) and the deadline
-   is ours: the parent waits on the worker's pipe with ``select`` and kills a worker that runs over (a fresh one
-   starts at once). Plain ``subprocess`` rather than ``multiprocessing``: it works from threads, from
-   daemonic worker processes (which may not have multiprocessing children) and after ``fork``.
+   main thread, so they are switched off (``parsing_timeout=None``, ``timeout_seconds=None``) and the budget
+   is ours. Plain ``subprocess`` rather than ``multiprocessing``: it works from threads, from daemonic worker
+   processes (which may not have multiprocessing children) and after ``fork``.
 
-Every model-output input gets a deterministic verdict: a timeout, a crash of the worker, or any exception
-is ``False``. The deadline counts from the moment the request is sent to a *ready* worker, so a cold start
-(importing sympy, about 0.5 s) never turns a right answer into a timeout. POSIX only (``select`` on pipes).
+The gold. A gold that holds several ``\\boxed{}`` (a multi-part answer, ``\\boxed{1} papers and \\boxed{2}
+bins``) is the comma list of all of them, ``1, 2``, which math-verify reads as the set ``{1, 2}``, as its own
+``parse`` does for several boxes: a prediction must give every part (in any order), and the last part alone is
+not the answer. A prediction is judged on its *last* box only (the prompt asks for one final ``\\boxed{}``).
+
+The budget (``timeout``, default 5) is **CPU seconds of work**, so a verdict never depends on what else runs
+on the machine:
+
+* extraction and the fast path run in the caller's thread and are charged at their thread CPU time
+  (``time.thread_time``); they are linear in the response length (100 KB of unterminated boxes: milliseconds);
+* the worker charges math-verify at its own process CPU time: an ``ITIMER_PROF`` interval timer (it counts
+  the process's CPU time, not the clock) raises in the worker when the rest of the budget is spent, and a
+  result that took more than the budget is ``False`` whatever it was;
+* math-verify stuck inside one long C call (a huge integer power) cannot take a Python signal, so the parent
+  also reads the worker's CPU time (``/proc/<pid>/stat``) while it waits and kills a worker that runs more
+  than ``CPU_GRACE`` past the budget; ``RLIMIT_CPU`` stops an orphaned worker whose parent died.
+* A wall-clock safety net, ``max(WALL_SAFETY_MIN, WALL_SAFETY_FACTOR * timeout)`` seconds (30 s for the
+  default), much larger than any CPU budget, is there only for a *hung* worker (one that waits without
+  computing); under any realistic load a worker spends its CPU budget long before that.
+
+A CPU budget is deterministic up to the small noise of CPU accounting (a case that needs 2 CPU seconds gets
+the same verdict alone or beside busy processes, where the wall clock would give 4 s or more). Every
+model-output input gets a deterministic verdict: over budget, a crash of the worker, or any exception is
+``False``. The budget counts from the moment the request reaches a *ready* worker, so a cold start (importing
+sympy, about 0.5 s) never turns a right answer into a timeout. POSIX only (``select`` on pipes, ``setitimer``).
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import re
 import select
@@ -34,12 +57,20 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
-from .schema import last_boxed
+from .schema import boxed_answers, last_boxed
 
 # Answers longer than this are not answers (and only feed the parser's worst cases): False, no parsing.
 MAX_ANSWER_CHARS = 2000
 # How long a new worker may take to import math-verify and warm up before we call it broken.
 STARTUP_TIMEOUT = 60.0
+# CPU seconds a worker may run past its budget (it normally stops itself at the budget) before the parent kills it.
+CPU_GRACE = 0.25
+# How often the parent samples a busy worker's CPU time while it waits for the verdict.
+CPU_POLL_S = 0.05
+# Wall-clock safety net for a hung worker only: max(WALL_SAFETY_MIN, WALL_SAFETY_FACTOR * budget) seconds.
+WALL_SAFETY_MIN = 30.0
+WALL_SAFETY_FACTOR = 10.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # Worker memory cap (address space), so that `\\boxed{9^{9^{9^9}}}` fails fast instead of eating the machine.
 MAX_WORKER_MEM_MB = int(os.environ.get("NPR_VERIFY_MAX_MEM_MB", "3072"))
 
@@ -53,8 +84,11 @@ def extract_answer(text: str) -> str | None:
 
 # -- normalization and the fast path --------------------------------------------------------------------------
 _WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
-_DROP = re.compile(r"\\left|\\right|\\displaystyle|\\[!,;:> ]|~|\$")
-_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree|(?<![a-z])degrees?(?![a-z])", re.I)
+_DROP = re.compile(r"\\left|\\right|\\displaystyle|\$")
+_THIN = re.compile(r"\\[!,;:> ]|~")  # LaTeX spacing: typography, never a separator (``1\\,000`` is 1000)
+_DEGREES = re.compile(r"\^\s*(?:\{\s*)?\\circ\s*\}?|\\circ|°|\\degree|(?<![a-z])degrees?(?![a-z])", re.I)
+_SPACE = re.compile(r"\s+")
+_LONE_SPACE = re.compile(r" (?!\d)|(?<!\d) ")  # a space that does not stand between two digits
 _NUM = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[+-]?\.\d+")
 _FRAC = re.compile(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}|([+-]?)\\frac(\d)(\d)|([+-]?\d+)/([+-]?\d+)")
 _CHOICE = re.compile(r"\(?([A-E])\)?")
@@ -73,8 +107,10 @@ def normalize(answer: str) -> str:
             break
         s = s2
     s = _DROP.sub(" ", s)
+    s = _THIN.sub("", s)
     s = _DEGREES.sub("", s)
-    s = "".join(s.split())
+    # Spaces go, except one between two digits: "x + 1" is "x+1", but "2 3" is not "23".
+    s = _LONE_SPACE.sub("", _SPACE.sub(" ", s))
     return s.rstrip(".")  # sentence punctuation: "5." is 5
 
 
@@ -153,11 +189,17 @@ def fast_verdict(pred: str, gold: str) -> bool | None:
 
 
 def _clean_gold(gold) -> str:
+    """The gold as an answer string. A gold holding boxes (a whole solution, or a multi-part answer) is its
+    boxes: one box is its content, several are the comma list of all of them (math-verify's set of the boxed
+    answers), never just the last one."""
     if isinstance(gold, float) and gold.is_integer():
         gold = int(gold)
     gold = str(gold)
-    if "\\boxed" in gold or "\\fbox" in gold:  # a whole solution was passed: grade against its box
-        gold = last_boxed(gold) or gold
+    if "box" in gold:
+        parts = [b.strip() for b in boxed_answers(gold)]
+        parts = [b for b in parts if b]
+        if parts:
+            gold = ", ".join(parts)
     return gold.strip()
 
 
@@ -178,6 +220,51 @@ def math_verify_equal(pred: str, gold: str) -> bool:
     return bool(mv_verify(g, p, timeout_seconds=None))
 
 
+class _OverBudget(BaseException):
+    """Raised inside a worker when a request has spent its CPU budget (a BaseException, so that the libraries'
+    ``except Exception`` blocks cannot swallow it)."""
+
+
+_cpu_deadline: float | None = None  # worker only: process CPU time at which the current request is over
+
+
+def _on_cpu_timer(signum, frame) -> None:
+    if _cpu_deadline is not None and time.process_time() >= _cpu_deadline:
+        raise _OverBudget
+
+
+def _disarm() -> None:
+    global _cpu_deadline
+    import signal
+
+    while True:  # a timer tick may land between the statements: try until both are done
+        try:
+            _cpu_deadline = None
+            signal.setitimer(signal.ITIMER_PROF, 0.0, 0.0)
+            return
+        except _OverBudget:
+            continue
+
+
+def _judge(pred: str, gold: str, budget: float) -> bool:
+    """math-verify's verdict within ``budget`` CPU seconds of this process; over it, False."""
+    global _cpu_deadline
+    import signal
+
+    start = time.process_time()
+    try:
+        _cpu_deadline = start + budget
+        # ITIMER_PROF counts this process's CPU time (user + system), never the clock; after the first tick it
+        # ticks again every 10 ms of CPU, in case a library swallows the first exception.
+        signal.setitimer(signal.ITIMER_PROF, max(budget, 1e-3), 0.01)
+        ok = math_verify_equal(pred, gold)
+    except BaseException:  # noqa: BLE001 - over budget, RecursionError, MemoryError, sympy errors: "not equal"
+        ok = False
+    finally:
+        _disarm()
+    return bool(ok) and time.process_time() - start <= budget
+
+
 def _worker_main() -> None:
     """Worker loop: one JSON request per line on stdin (``[id, pred, gold, cpu_budget_s]``), ``id 0|1`` out."""
     out = os.fdopen(os.dup(1), "wb", buffering=0)
@@ -188,12 +275,17 @@ def _worker_main() -> None:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which owns our lifetime
+        signal.signal(signal.SIGPROF, _on_cpu_timer)
         logging.disable(logging.CRITICAL)
         if MAX_WORKER_MEM_MB > 0:
             lim = MAX_WORKER_MEM_MB * 2**20
             _, hard = resource.getrlimit(resource.RLIMIT_AS)
             if hard == resource.RLIM_INFINITY or hard > lim:
                 resource.setrlimit(resource.RLIMIT_AS, (lim, hard))
+        try:  # RLIMIT_CPU ends a worker with SIGXCPU: no core file for that
+            resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+        except (ValueError, OSError):
+            pass
         math_verify_equal("\\frac{1}{2}", "0.5")  # warm up: imports, grammar, sympy caches
     except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent
         out.write(("error " + json.dumps(f"{type(e).__name__}: {e}") + "\n").encode())
@@ -203,19 +295,22 @@ def _worker_main() -> None:
     for line in sys.stdin.buffer:
         try:
             rid, pred, gold, budget = json.loads(line)
+            budget = float(budget)
         except Exception:
             continue
-        # Backstop if the parent dies mid-request: the kernel stops us after `budget` more CPU seconds.
+        # Backstop for a request stuck in C code whose parent died (the parent kills it otherwise): the kernel
+        # stops us with SIGXCPU a second or two of CPU after the budget.
         try:
             used = resource.getrusage(resource.RUSAGE_SELF)
-            soft = int(used.ru_utime + used.ru_stime + budget) + 1
+            soft = math.ceil(used.ru_utime + used.ru_stime + budget) + 1
             if cpu_hard == resource.RLIM_INFINITY or soft < cpu_hard:
                 resource.setrlimit(resource.RLIMIT_CPU, (soft, cpu_hard))
         except (ValueError, OSError):
             pass
         try:
-            ok = math_verify_equal(pred, gold)
-        except BaseException:  # noqa: BLE001 - RecursionError, MemoryError, sympy errors: all "not equal"
+            ok = _judge(pred, gold, budget)
+        except BaseException:  # noqa: BLE001 - a timer tick in the last statements: over budget
+            _disarm()
             ok = False
         out.write(f"{rid} {int(ok)}\n".encode())
 
@@ -292,20 +387,37 @@ class _Worker:
             raise VerifierError(f"the math-verify worker did not start ({why})")
         self.ready = True
 
-    def call(self, pred: str, gold: str, timeout: float) -> bool | None:
-        """The verdict, or None when the worker ran over or died (it must then be replaced)."""
+    def cpu_seconds(self) -> float | None:
+        """The worker's CPU time so far (user + system, from ``/proc``), or None where it cannot be read."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def call(self, pred: str, gold: str, budget: float) -> bool | None:
+        """The verdict within ``budget`` CPU seconds of the worker, or None when the worker ran over, hung or
+        died (it must then be replaced). The worker stops itself at the budget and answers False; the parent
+        kills it at ``budget + CPU_GRACE`` CPU seconds (stuck in C code), or at the wall-clock safety net (hung)."""
         self.wait_ready()
         rid = self.next_id
         self.next_id += 1
-        req = json.dumps([rid, pred, gold, max(10.0, 4 * timeout)]) + "\n"
-        deadline = time.monotonic() + timeout
+        req = json.dumps([rid, pred, gold, budget]) + "\n"
+        cpu0 = self.cpu_seconds()
+        wall_deadline = time.monotonic() + max(WALL_SAFETY_MIN, WALL_SAFETY_FACTOR * budget)
         try:
             self.proc.stdin.write(req.encode())
             self.proc.stdin.flush()
             while True:
-                line = self._readline(deadline)
+                line = self._readline(min(wall_deadline, time.monotonic() + CPU_POLL_S))
                 if line is None:
-                    return None
+                    if time.monotonic() >= wall_deadline:
+                        return None
+                    cpu = self.cpu_seconds() if cpu0 is not None else None
+                    if cpu is not None and cpu - cpu0 > budget + CPU_GRACE:
+                        return None
+                    continue
                 got, _, ok = line.decode().partition(" ")
                 if got == str(rid):
                     return ok == "1"
@@ -477,6 +589,19 @@ def _prepare(prediction_text, gold, fast: bool = True) -> tuple[str, str] | bool
     return known if known is not None else (pred, gold)
 
 
+def _prepare_charged(prediction_text, gold, fast: bool, timeout: float | None) -> tuple[tuple[str, str] | bool, float]:
+    """``_prepare`` and the CPU budget left after it: extraction and the fast path count against ``timeout``
+    (at this thread's CPU time), so the budget covers everything the verifier does."""
+    t0 = time.thread_time()
+    prep = _prepare(prediction_text, gold, fast)
+    if timeout is None:
+        return prep, math.inf
+    left = float(timeout) - (time.thread_time() - t0)
+    if left <= 0:
+        return False, 0.0  # the budget went on extraction alone: over budget, whatever the fast path said
+    return prep, left
+
+
 def answers_match(pred: str, gold: str, timeout: float | None = 5.0) -> bool:
     """Whether a bare answer string (no ``\\boxed``) equals the gold; ``timeout=None`` runs in-process."""
     return verify("\\boxed{" + str(pred) + "}", gold, timeout=timeout)
@@ -485,11 +610,12 @@ def answers_match(pred: str, gold: str, timeout: float | None = 5.0) -> bool:
 def verify(prediction_text: str, gold: str, timeout: float | None = 5.0, fast: bool = True) -> bool:
     """Whether the last ``\\boxed{}`` of ``prediction_text`` equals ``gold``; False without a box.
 
-    ``timeout`` (seconds) bounds the math-verify stage hard; over it, the verdict is False. ``timeout=None``
-    runs math-verify in this process with no timeout at all: only for trusted inputs. ``fast=False`` skips
-    the fast path (every pair goes to math-verify; for tests and debugging).
+    ``timeout`` is the budget in **CPU seconds** (extraction, the fast path and math-verify together; see the
+    module docstring); over it, the verdict is False, however busy the machine is. ``timeout=None`` runs
+    math-verify in this process with no budget at all: only for trusted inputs. ``fast=False`` skips the fast
+    path (every pair goes to math-verify; for tests and debugging).
     """
-    prep = _prepare(prediction_text, gold, fast)
+    prep, left = _prepare_charged(prediction_text, gold, fast, timeout)
     if isinstance(prep, bool):
         return prep
     pred, gold = prep
@@ -500,20 +626,22 @@ def verify(prediction_text: str, gold: str, timeout: float | None = 5.0, fast: b
             return False
     if timeout <= 0:
         return False
-    return _pool().call(pred, gold, float(timeout))
+    return _pool().call(pred, gold, left)
 
 
 def verify_many(predictions: Sequence[str], golds: Sequence[str], timeout: float | None = 5.0,
                 fast: bool = True) -> list[bool]:
-    """``verify`` over a batch; the ones the fast path cannot settle run on all workers at once."""
+    """``verify`` over a batch; the ones the fast path cannot settle run on all workers at once.
+
+    Each pair has its own budget of ``timeout`` CPU seconds, exactly as in ``verify``."""
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions but {len(golds)} gold answers")
     out: list[bool | None] = []
     slow: list[int] = []
     preps = []
     for p, g in zip(predictions, golds):
-        prep = _prepare(p, g, fast)
-        preps.append(prep)
+        prep, left = _prepare_charged(p, g, fast, timeout)
+        preps.append((prep, left))
         if isinstance(prep, bool):
             out.append(prep)
         else:
@@ -521,15 +649,22 @@ def verify_many(predictions: Sequence[str], golds: Sequence[str], timeout: float
             slow.append(len(out) - 1)
     if not slow:
         return out  # type: ignore[return-value]
-    if timeout is None or len(slow) == 1:
+    if timeout is None:
         for i in slow:
-            out[i] = verify("\\boxed{" + preps[i][0] + "}", preps[i][1], timeout=timeout, fast=fast)
+            try:
+                out[i] = math_verify_equal(*preps[i][0])
+            except Exception:  # noqa: BLE001
+                out[i] = False
         return out  # type: ignore[return-value]
     if timeout <= 0:
         return [bool(x) for x in out]
     pool = _pool()
+    if len(slow) == 1:
+        (pred, gold), left = preps[slow[0]]
+        out[slow[0]] = pool.call(pred, gold, left)
+        return out  # type: ignore[return-value]
     with ThreadPoolExecutor(max_workers=min(pool.size, len(slow))) as ex:
-        verdicts = list(ex.map(lambda i: pool.call(preps[i][0], preps[i][1], float(timeout)), slow))
+        verdicts = list(ex.map(lambda i: pool.call(preps[i][0][0], preps[i][0][1], preps[i][1]), slow))
     for i, v in zip(slow, verdicts):
         out[i] = v
     return out  # type: ignore[return-value]

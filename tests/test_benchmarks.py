@@ -11,8 +11,9 @@ import torch
 import npr_env
 from benchmarks import check_graders, registry
 from benchmarks.eval import main as eval_main
-from benchmarks.eval import prompt_ids, run_benchmark
+from benchmarks.eval import run_benchmark
 from benchmarks.metrics import summarize
+from npr_env import prompt_ids
 from npr_env.schema import format_block
 from npr_env.tasks import TaskFormatError
 
@@ -251,7 +252,7 @@ def test_run_benchmark_grades_and_measures_real_rollouts(tmp_path, tiny_dir, mod
     model, tok = load_model(str(tiny_dir), torch.device("cpu"))
     solutions = [format_block(["2*3", "4*5"], ["2*3 = 6", "4*5 = 20"], "6+20 = 26") + "\\boxed{26}",
                  format_block(["3*3", "2*2", "5*1"], ["3*3 = 9", "2*2 = 4", "5*1 = 5"], "9+4+5 = 18") + "\\boxed{18}"]
-    prompts = [prompt_ids(tok, p, instruction=False) for p in problems]
+    prompts = [prompt_ids(tok, p) for p in problems]
     forcers = [(pr, TrajectoryForcer(tok, pr, tok.encode(s, add_special_tokens=False) + [tok.eos_token_id]))
                for pr, s in zip(prompts, solutions)]
 

@@ -16,7 +16,13 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 import npr_env
 from engine import NPREngine, SamplingParams, TrajectoryForcer
 from engine.backends import NativeSequentialBackend
-from engine.backends.sglang import SGLangEngine, parse_output, sglang_unavailable_reason
+from engine.backends.sglang import (
+    SGLangEngine,
+    parse_output,
+    sglang_engine_kwargs,
+    sglang_unavailable_reason,
+    weight_dtype,
+)
 from engine.orchestration import CompletionRequest, OrchestratedEngine, scored_logprobs, training_sample
 from npr_agent.policy import build_batch, token_logprobs
 from npr_env.schema import format_block
@@ -74,6 +80,80 @@ def test_parse_output_of_sglang_token_results():
     out["meta_info"]["input_token_logprobs"] = [(None, 7, None), (-2.0, 8, None)]  # not the forced tail
     with pytest.raises(RuntimeError, match="forced tokens"):
         parse_output(out, req, eos_ids={1})
+
+
+class FakeSGL:
+    """Records the calls SGLangEngine makes on its ``sglang.Engine`` (the documented signatures)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
+        self.calls.append(("update", [n for n, _ in named_tensors], flush_cache))
+        return True, "Success"
+
+    def flush_cache(self):
+        self.calls.append(("flush",))
+
+    def release_memory_occupation(self, tags=None):
+        self.calls.append(("release", tags))
+
+    def resume_memory_occupation(self, tags=None):
+        self.calls.append(("resume", tags))
+
+
+def fake_engine(memory_saver: bool = True) -> SGLangEngine:
+    eng = object.__new__(SGLangEngine)  # no server: only the weight-sync and memory plumbing
+    eng.sgl, eng.memory_saver, eng.released_tags, eng.weight_dtype = FakeSGL(), memory_saver, (), None
+    return eng
+
+
+def test_engine_kwargs_plumbing():
+    kw = sglang_engine_kwargs(memory_saver=True, mem_fraction_static=0.45, dtype="bfloat16")
+    assert kw == {"skip_tokenizer_init": True, "enable_memory_saver": True, "mem_fraction_static": 0.45,
+                  "dtype": "bfloat16"}
+    assert "enable_memory_saver" not in sglang_engine_kwargs()
+    with pytest.raises(ValueError, match="skip_tokenizer_init"):
+        sglang_engine_kwargs(skip_tokenizer_init=False)
+    with pytest.raises(ValueError, match="contradicts"):
+        sglang_engine_kwargs(memory_saver=True, enable_memory_saver=False)
+    assert weight_dtype("bfloat16") is torch.bfloat16 and weight_dtype("auto") is None and weight_dtype(None) is None
+
+
+def test_load_weights_sends_buckets_and_flushes_once():
+    model = tiny()
+    sd = model.state_dict()
+    eng = fake_engine()
+    n = eng.load_weights(sd, bucket_bytes=100_000)  # a whole state dict, bucketed here
+    updates = [c for c in eng.sgl.calls if c[0] == "update"]
+    sent = [k for c in updates for k in c[1]]
+    assert n == len(updates) > 1 and all(not c[2] for c in updates) and eng.sgl.calls[-1] == ("flush",)
+    assert sorted(sent) == sorted(k for k in sd if k != "lm_head.weight")  # the tied head is sent once
+    eng = fake_engine()
+    buckets = [dict(list(sd.items())[:3]), {}, dict(list(sd.items())[3:])]  # an iterable of buckets, sent as is
+    assert eng.load_weights(iter(buckets)) == 2
+    assert [c[0] for c in eng.sgl.calls] == ["update", "update", "flush"]
+    assert eng.sgl.calls[0][1] == list(sd)[:3]
+
+
+def test_load_weights_refuses_sharded_tensors():
+    class Shard(torch.Tensor):
+        def full_tensor(self):
+            return self
+
+    with pytest.raises(TypeError, match="sharded DTensor"):
+        fake_engine().load_weights({"w": torch.zeros(2).as_subclass(Shard)})
+
+
+def test_memory_saver_releases_and_resumes_the_kv_cache():
+    eng = fake_engine()
+    eng.release_memory()
+    eng.release_memory()  # already released: nothing more
+    eng.resume_memory()
+    eng.resume_memory()
+    assert eng.sgl.calls == [("release", ["kv_cache"]), ("resume", ["kv_cache"])]
+    with pytest.raises(RuntimeError, match="memory_saver=True"):
+        fake_engine(memory_saver=False).release_memory()
 
 
 # -- on a CUDA machine with sglang ---------------------------------------------------------------------------------
@@ -169,3 +249,34 @@ def test_load_weights_updates_the_served_policy(served):
     assert np.abs(np.asarray(after.logprobs) - np.asarray(want.logprobs)).max() <= 1e-3
     assert np.abs(np.asarray(after.logprobs) - np.asarray(before.logprobs)).max() > 1e-2
     eng.load_weights(model.state_dict())  # leave the fixture as it was
+
+
+@needs_sglang
+def test_memory_saver_frees_the_kv_cache_and_bucketed_sync(tmp_path):
+    """enable_memory_saver: releasing the KV cache frees GPU memory, resuming it serves again; weights sent in
+    buckets (Dist.iter_state_dict_buckets) give the same policy as a whole state dict."""
+    from npr_agent.distributed import LOCAL
+
+    path = tmp_path / "tiny"
+    model = tiny()
+    model.save_pretrained(path)
+    TOK.save_pretrained(path)
+    eng = SGLangEngine(path, tokenizer=TOK, dtype="float32", attention_backend="torch_native",
+                       disable_cuda_graph=True, mem_fraction_static=0.5, random_seed=0, memory_saver=True)
+    try:
+        params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True, step_repetition_penalty=1.0)
+        prompts = [enc("memory?")]
+        before = eng.generate(prompts, params, mode="sequential")[0]
+        free0 = torch.cuda.mem_get_info()[0]
+        eng.release_memory()
+        assert torch.cuda.mem_get_info()[0] > free0 + 2**30  # the KV pool's memory is back
+        eng.resume_memory()
+        other = tiny(seed=3)
+        eng.load_weights(LOCAL.iter_state_dict_buckets(other, bucket_bytes=1 << 16))
+        want = NPREngine(other, TOK, num_blocks=256, block_size=4).generate(prompts, params, mode="sequential")[0]
+        after = eng.generate(prompts, params, mode="sequential")[0]
+        assert after.token_ids == want.token_ids
+        assert np.abs(np.asarray(after.logprobs) - np.asarray(want.logprobs)).max() <= 1e-3
+        assert np.abs(np.asarray(after.logprobs) - np.asarray(before.logprobs)).max() > 1e-2
+    finally:
+        eng.shutdown()

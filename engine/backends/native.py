@@ -48,6 +48,14 @@ class NativeSequentialBackend:
             # one sample per request; the request's penalty everywhere (a server knows nothing of steps)
             sp = replace(params, n=1, max_new_tokens=cap, max_total_tokens=cap, stop_token_ids=stops, seed=seed,
                          repetition_penalty=pen, step_repetition_penalty=pen)
+            # a request the pool can never hold (its ids grew from the model's own output) ends "aborted",
+            # as on a server, instead of failing the whole wave (NPREngine.generate raises for it)
+            for i in idx:
+                if not self.engine.fits(len(requests[i].ids)):
+                    out[i] = Completion([], [], "aborted")
+            idx = [i for i in idx if out[i] is None]
+            if not idx:
+                continue
             rolls = self.engine.generate([requests[i].ids for i in idx], sp, mode="sequential")
             for i, r in zip(idx, rolls):
                 reason = r.finish_reason if r.finish_reason in ("eos", "stop", "length") else "aborted"

@@ -19,9 +19,17 @@ penalties, so with ``repetition_penalty != 1`` they may differ from the policy's
 input logprobs (``logprob_start_len``), which are temperature-scaled only where SGLang is configured so; forced
 tokens never enter the loss.
 
-Weights: :meth:`SGLangEngine.load_weights` pushes a state dict through ``update_weights_from_tensor`` in
-buckets (the radix cache is flushed with the last one: cached KV of the old weights must not be reused);
-:meth:`SGLangEngine.load_weights_from_disk` reloads an HF checkpoint directory.
+Weights: :meth:`SGLangEngine.load_weights` pushes a state dict, or an iterable of buckets of one
+(``npr_agent.distributed.Dist.iter_state_dict_buckets`` gathers FSDP2 shards one bucket at a time), through
+``update_weights_from_tensor``, bucket by bucket; the radix cache is flushed once after the last one (cached KV
+of the old weights must not be reused). :meth:`SGLangEngine.load_weights_from_disk` reloads an HF checkpoint
+directory.
+
+Memory saver: ``SGLangEngine(..., memory_saver=True)`` starts SGLang with ``enable_memory_saver=True`` (it needs
+the ``torch_memory_saver`` package that ``sglang[all]`` installs); :meth:`SGLangEngine.release_memory` then calls
+``release_memory_occupation(tags=["kv_cache"])`` (the KV pool's physical memory is unmapped, and its cache
+flushed; the weights stay) and :meth:`SGLangEngine.resume_memory` ``resume_memory_occupation(tags=["kv_cache"])``.
+The trainer does it around every policy update (``engine.memory_saver``).
 
 Install: ``pip install ".[sglang]"`` on a CUDA machine (SGLang pins a CUDA build of torch).
 """
@@ -30,9 +38,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -41,6 +51,28 @@ from ..rollout import Rollout
 from ..sampling import SamplingParams
 
 INSTALL_HINT = "pip install '.[sglang]' on a CUDA machine (SGLang pins a CUDA build of torch)"
+KV_CACHE = "kv_cache"  # sglang.srt.constants.GPU_MEMORY_TYPE_KV_CACHE ("weights", "cuda_graph" are the others)
+
+K = TypeVar("K", bound=Hashable)
+
+
+def plan_buckets(sizes: Iterable[tuple[K, int]], bucket_bytes: int) -> list[list[K]]:
+    """Split ``(key, nbytes)`` pairs, in order, into consecutive buckets of at most ``bucket_bytes`` bytes; an
+    item larger than the bound is a bucket of its own. Every key lands in exactly one bucket."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    buckets: list[list[K]] = []
+    cur: list[K] = []
+    size = 0
+    for key, nbytes in sizes:
+        if cur and size + nbytes > bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.append(key)
+        size += nbytes
+    if cur:
+        buckets.append(cur)
+    return buckets
 
 
 def import_sglang():
@@ -140,13 +172,19 @@ class SGLangEngine:
     ``model_path``: an HF checkpoint directory whose vocabulary already holds the 8 NPR tags as single tokens
     (every stage from stage 2 on saves one). ``tokenizer``: an HF tokenizer with the tags; default: the
     checkpoint's own. ``engine_kwargs`` go to ``sglang.Engine`` (``mem_fraction_static``, ``tp_size``,
-    ``dtype``, ``random_seed``, ``enable_memory_saver``, ...). Orchestration keywords (``max_plans``,
-    ``max_depth``, ``min_fork_budget``, ``constraints``, ``stop_on_violation``) are those of the native engine.
+    ``dtype``, ``random_seed``, ...). ``memory_saver``: start it with ``enable_memory_saver=True``, so that
+    :meth:`release_memory` / :meth:`resume_memory` can free and restore its KV pool. Orchestration keywords
+    (``max_plans``, ``max_depth``, ``min_fork_budget``, ``constraints``, ``stop_on_violation``) are those of the
+    native engine.
     """
 
     def __init__(self, model_path: str | Path, tokenizer=None, *, max_plans: int = 5, max_depth: int = 5,
                  min_fork_budget: int = 32, constraints="strict", stop_on_violation: bool | None = None,
-                 **engine_kwargs):
+                 memory_saver: bool = False, **engine_kwargs):
+        engine_kwargs = sglang_engine_kwargs(memory_saver=memory_saver, **engine_kwargs)
+        self.memory_saver = bool(engine_kwargs.get("enable_memory_saver", False))
+        self.weight_dtype = weight_dtype(engine_kwargs.get("dtype"))  # what load_weights should send (None: as is)
+        self.released_tags: tuple[str, ...] = ()
         sgl = import_sglang()
         self.model_path = str(model_path)
         if tokenizer is None:
@@ -157,9 +195,6 @@ class SGLangEngine:
 
         vocab = TagVocab.of(tokenizer)  # raises, naming the missing tags, if they are not single tokens
         self.tokenizer = tokenizer
-        engine_kwargs.setdefault("skip_tokenizer_init", True)
-        if not engine_kwargs["skip_tokenizer_init"]:
-            raise ValueError("SGLangEngine needs skip_tokenizer_init=True (token ids in and out, never text)")
         self.sgl = sgl.Engine(model_path=self.model_path, **engine_kwargs)
         self.backend = SGLangBackend(self.sgl, vocab.eos_ids)
         self.orchestrator = OrchestratedEngine(self.backend, tokenizer, max_plans=max_plans, max_depth=max_depth,
@@ -175,35 +210,56 @@ class SGLangEngine:
         """``sequential``: plain requests; ``parallel``: fork/join by orchestration (layout ``orchestrated``)."""
         return self.orchestrator.generate(prompt_ids, params, mode=mode)
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], bucket_bytes: int = 1 << 30) -> None:
-        """Push new weights (HF parameter names) through SGLang's ``update_weights_from_tensor``.
+    def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[Mapping[str, torch.Tensor]],
+                     bucket_bytes: int = 1 << 30) -> int:
+        """Push new weights (HF parameter names) through SGLang's ``update_weights_from_tensor``; returns the
+        number of buckets sent.
 
-        Tensors must be whole (gather FSDP2 shards first: ``npr_agent.distributed.full_state_dict``). A head
-        tied to the embedding is sent once. The radix cache is flushed with the last bucket.
+        ``weights``: a whole state dict (split here into buckets of ``bucket_bytes``), or an iterable of
+        buckets, each a dict sent as it comes (``Dist.iter_state_dict_buckets``: under FSDP2 a rank then holds
+        one gathered bucket at a time). Tensors must be whole, not DTensor shards. A head tied to the embedding
+        (the same tensor under ``lm_head.weight`` in the same dict) is sent once. The radix cache is flushed once,
+        after the last bucket.
         """
-        items, seen = [], set()
-        for name, t in state_dict.items():
-            if hasattr(t, "full_tensor"):
-                raise TypeError(f"{name} is a sharded DTensor; gather a full state dict first "
-                                "(npr_agent.distributed.full_state_dict)")
-            key = (t.data_ptr(), tuple(t.shape))
-            if name == "lm_head.weight" and key in seen:
-                continue  # tied to the embedding
-            seen.add(key)
-            items.append((name, t.detach()))
-        buckets, cur, size = [], [], 0
-        for name, t in items:
-            nbytes = t.numel() * t.element_size()
-            if cur and size + nbytes > bucket_bytes:
-                buckets.append(cur)
-                cur, size = [], 0
-            cur.append((name, t))
-            size += nbytes
-        if cur:
-            buckets.append(cur)
-        for i, bucket in enumerate(buckets):
-            res = self.sgl.update_weights_from_tensor(bucket, flush_cache=i == len(buckets) - 1)
-            _check_update(res, f"update_weights_from_tensor (bucket {i + 1}/{len(buckets)})")
+        if isinstance(weights, Mapping):
+            items = _named_tensors(weights)
+            sizes = [(i, t.numel() * t.element_size()) for i, (_, t) in enumerate(items)]
+            buckets: Iterable[list] = ([items[i] for i in plan] for plan in plan_buckets(sizes, bucket_bytes))
+        else:
+            buckets = (_named_tensors(b) for b in weights)
+        n = 0
+        for bucket in buckets:
+            if not bucket:
+                continue
+            n += 1
+            res = self.sgl.update_weights_from_tensor(bucket, flush_cache=False)
+            _check_update(res, f"update_weights_from_tensor (bucket {n})")
+        _check_update(self.sgl.flush_cache(), "flush_cache after the weight update")
+        return n
+
+    # -- memory saver ------------------------------------------------------------------------------------------
+    def release_memory(self, tags: Sequence[str] = (KV_CACHE,)) -> None:
+        """Free SGLang's GPU memory of ``tags`` (default: the KV cache; the weights stay) until
+        :meth:`resume_memory`: ``sglang.Engine.release_memory_occupation(tags=...)``, which also flushes the radix
+        cache. Only between generate calls (SGLang asserts it is idle); needs ``memory_saver=True``."""
+        if not self.memory_saver:
+            raise RuntimeError("SGLangEngine.release_memory needs the engine started with memory_saver=True "
+                               "(sglang.Engine(enable_memory_saver=True))")
+        if self.released_tags:
+            return
+        fn = self.sgl.release_memory_occupation
+        if "tags" not in inspect.signature(fn).parameters:
+            raise RuntimeError("this SGLang's release_memory_occupation() takes no tags: it would release the "
+                               "weights too; upgrade SGLang or turn the memory saver off")
+        _check_update(fn(tags=list(tags)), f"release_memory_occupation(tags={list(tags)})")
+        self.released_tags = tuple(tags)
+
+    def resume_memory(self) -> None:
+        """Restore what :meth:`release_memory` freed (``resume_memory_occupation`` with the same tags)."""
+        if not self.released_tags:
+            return
+        tags, self.released_tags = list(self.released_tags), ()
+        _check_update(self.sgl.resume_memory_occupation(tags=tags), f"resume_memory_occupation(tags={tags})")
 
     def load_weights_from_disk(self, model_path: str | Path) -> None:
         """Reload weights from an HF checkpoint directory (e.g. the one a stage just saved)."""
@@ -219,6 +275,43 @@ class SGLangEngine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def sglang_engine_kwargs(memory_saver: bool = False, **engine_kwargs) -> dict:
+    """The keyword arguments :class:`SGLangEngine` gives ``sglang.Engine`` (checked without SGLang)."""
+    kw = dict(engine_kwargs)
+    kw.setdefault("skip_tokenizer_init", True)
+    if not kw["skip_tokenizer_init"]:
+        raise ValueError("SGLangEngine needs skip_tokenizer_init=True (token ids in and out, never text)")
+    if memory_saver:
+        if kw.get("enable_memory_saver") is False:
+            raise ValueError("memory_saver=True contradicts enable_memory_saver=False")
+        kw["enable_memory_saver"] = True
+    return kw
+
+
+def weight_dtype(dtype) -> torch.dtype | None:
+    """The torch dtype SGLang serves in for its ``dtype`` argument (None for "auto" or unset: send as is)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
+             "fp16": torch.float16, "float32": torch.float32, "float": torch.float32, "fp32": torch.float32}
+    return names.get(str(dtype).lower())
+
+
+def _named_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs to send; whole tensors only; a tied head (the same storage) is dropped."""
+    items, seen = [], set()
+    for name, t in state_dict.items():
+        if hasattr(t, "full_tensor"):
+            raise TypeError(f"{name} is a sharded DTensor; send whole tensors "
+                            "(npr_agent.distributed.Dist.iter_state_dict_buckets gathers them)")
+        key = (t.data_ptr(), tuple(t.shape))
+        if name == "lm_head.weight" and key in seen:
+            continue  # tied to the embedding
+        seen.add(key)
+        items.append((name, t.detach()))
+    return items
 
 
 def _has_sampling_field(name: str) -> bool:
@@ -241,5 +334,7 @@ def _check_update(res, what: str) -> None:
         ok, msg = bool(res[0]), str(res[1]) if len(res) > 1 else ""
     elif isinstance(res, dict):
         ok, msg = bool(res.get("success", True)), str(res.get("message", ""))
+    elif hasattr(res, "success"):  # an io_struct output (FlushCacheReqOutput, ...)
+        ok, msg = bool(res.success), str(getattr(res, "message", ""))
     if not ok:
         raise RuntimeError(f"SGLang {what} failed: {msg}")

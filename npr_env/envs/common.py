@@ -1,4 +1,4 @@
-"""What the two NPR envs share: drawing a problem, building the prompt, and scoring a finished graph."""
+"""What the two NPR envs share: drawing a problem and scoring a finished graph (prompts: ``npr_env.prompts``)."""
 
 from __future__ import annotations
 
@@ -55,17 +55,6 @@ class ProblemSource:
         if hasattr(t, "__getitem__"):
             return t[int(rng.integers(2**31 - 1))]
         return t.sample(1)[0]
-
-
-def prompt_ids(tokenizer, text: str, chat_kwargs: dict | None = None) -> list[int]:
-    """The user turn through the tokenizer's chat template, ending with the assistant header."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, **(chat_kwargs or {}))
-        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
 
 
 # The constraint set each reward preset grades with (npr_env.rewards); the env stops early under the same one.

@@ -10,8 +10,9 @@ from gymnasium import spaces
 
 from ..constraints import ConstraintSet
 from ..graph import Cursor, Event, ExecutionGraph, Trace
-from ..schema import MAX_DEPTH, STEP_OPEN, TAKEAWAY_OPEN, build_prompt
-from .common import ProblemSource, constraints_for, prompt_ids, question_and_answer, render_env, score
+from ..prompts import PromptConfig, prompt_ids
+from ..schema import MAX_DEPTH, STEP_OPEN, TAKEAWAY_OPEN
+from .common import ProblemSource, constraints_for, question_and_answer, render_env, score
 
 FREE, ACTIVE, WAITING = 0, 1, 2  # slot states; a WAITING slot holds a branch whose children are running
 
@@ -170,7 +171,7 @@ class NPRMathEnv(gym.Env):
         self.problem = options["problem"] if "problem" in options else self.source.draw(self.np_random)
         self.problem_id, question, self.gold = question_and_answer(self.problem)
 
-        ids = prompt_ids(self.tokenizer, build_prompt(question, self.instruction), self.chat_kwargs)
+        ids = prompt_ids(self.tokenizer, question, PromptConfig(self.instruction, dict(self.chat_kwargs or {})))
         if len(ids) >= self.max_len:
             name = self.problem_id or question[:40]
             raise ValueError(f"the prompt of problem {name!r} has {len(ids)} tokens, "

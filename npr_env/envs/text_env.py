@@ -10,8 +10,9 @@ from gymnasium import spaces
 
 from ..constraints import ConstraintSet
 from ..graph import ExecutionGraph
-from ..schema import TAGS, build_prompt
-from .common import ProblemSource, constraints_for, prompt_ids, question_and_answer, render_env, score
+from ..prompts import PromptConfig, prompt_ids, user_turn
+from ..schema import TAGS
+from .common import ProblemSource, constraints_for, question_and_answer, render_env, score
 
 # What AnyText.sample draws from: printable ASCII, whitespace, the tags and a few non-ASCII characters.
 _SAMPLE_PIECES = (*(chr(c) for c in range(32, 127)), "\n", "\t", "é", "π", "∑", "√", "中", "🙂", *TAGS)
@@ -124,8 +125,9 @@ class NPRMathTextEnv(gym.Env):
         options = options or {}
         self.problem = options["problem"] if "problem" in options else self.source.draw(self.np_random)
         self.problem_id, question, self.gold = question_and_answer(self.problem)
-        self.prompt = build_prompt(question, self.instruction)
-        self._prompt_ids = prompt_ids(self.tokenizer, self.prompt, self.chat_kwargs)
+        prompt_cfg = PromptConfig(self.instruction, dict(self.chat_kwargs or {}))
+        self.prompt = user_turn(question, prompt_cfg)
+        self._prompt_ids = prompt_ids(self.tokenizer, question, prompt_cfg)
         self.graph = ExecutionGraph(self.tokenizer, self._prompt_ids, constraints=self.constraints)
         self._done = False
         return self.prompt, {"problem_id": self.problem_id}
