@@ -11,6 +11,37 @@ their own::
 
 Penalties follow the reference checker: a *hard* failure costs its own penalty, *soft* ones add up; the format
 score is ``-(max hard) - (sum soft)``, clipped to ``[-2, 0)``, and exactly 0 when nothing is violated.
+
+The ``relaxed`` preset (stage 1) is the reference checker's rules, read over the execution graph rather than by
+a regex over the text; where the two differ, it is on purpose. Ours vs the reference checker, and why:
+
+======================================  ==================================  ===================================  ==========================================
+case                                    reference checker                   ours (relaxed)                       why
+======================================  ==================================  ===================================  ==========================================
+a block nested in a step                its flat regex does not nest: the   a nested block, valid up to          the layout rule nests (DESIGN.md), and the
+(``<step>1: <guideline>...</step>``)    inner tags are tags inside a step,  ``max_depth`` (5) levels; deeper is  engine forks inside a step
+                                        scored as a malformed block         ``DEPTH_EXCEEDED`` (hard, -1.0)
+plan length (< 3 characters)            counts the whole plan, number       counts after the number:             the number is format, not content: else
+                                        included: ``<plan>1: a</plan>``     ``<plan>1: a</plan>`` is             ``<plan>12:</plan>`` passes and
+                                        passes                              ``EMPTY_PLAN`` (-0.4); steps         ``<plan>1:</plan>`` fails; the reference's
+                                                                            likewise (< 6), takeaways whole      step/takeaway checks test the plan
+                                                                                                                 variable (a bug), ours test the step
+no ``\\boxed{}`` after the last block   -1.0 only when there is trailing    ``MISSING_ANSWER`` (-1.0) whenever   the answer is graded on the text after the
+                                        text without a non-empty box; a     the text after the last block has    last block; a response with no answer
+                                        response ending at its last         no non-empty box, empty text         there cannot be right, so it must not be
+                                        ``</takeaway>`` passes              included (a box inside a takeaway    valid
+                                                                            does not count)
+6 (or more) plans in a guideline        no limit: valid                     ``TOO_MANY_PLANS`` (hard, -1.0),     the engine forks 1-5 plans and ends the
+                                                                            ``max_plans`` = 5                    request otherwise: stage 1 must not teach
+                                                                                                                 a format stage 3 cannot run
+text between steps                      non-adjacent steps: -0.2            ``TEXT_BETWEEN_TAGS`` (soft, -0.4),  one rule for all stray text (inside a
+(``</step>x<step>``, ``</step>x         (non-adjacent plans: -0.2)          the text stays in the step before    guideline, between plans, before the first
+<takeaway>``)                                                               it (its siblings never see it) and   step, after a step), at the reference's
+                                                                            the block is still recognised        price for non-plan text in a guideline
+text between plans                      non-plan content in a guideline     ``TEXT_BETWEEN_TAGS`` (-0.4), once   each soft code counts once: a run of stray
+(``</plan>x<plan>``)                    (-0.4) and non-adjacent plans       per response                         text costs what one word does, however
+                                        (-0.2)                                                                   many checks it trips
+======================================  ==================================  ===================================  ==========================================
 """
 
 from __future__ import annotations
@@ -65,8 +96,9 @@ SPELLED_TAG = _c("SPELLED_TAG", "a tag written as ordinary text pieces; the para
 EMPTY_PLAN = _c("EMPTY_PLAN", "a plan has fewer than 3 characters after its number", 0.4, hard=False)
 EMPTY_STEP = _c("EMPTY_STEP", "a step has fewer than 6 characters after its number", 0.4, hard=False)
 EMPTY_TAKEAWAY = _c("EMPTY_TAKEAWAY", "a takeaway has fewer than 6 characters", 0.4, hard=False)
-TEXT_BETWEEN_TAGS = _c("TEXT_BETWEEN_TAGS", "text where only tags may stand (inside a guideline, between steps)",
-                       0.4, hard=False)
+TEXT_BETWEEN_TAGS = _c("TEXT_BETWEEN_TAGS", "text where only tags may stand (inside a guideline, between plans, "
+                       "between steps or before the takeaway); it counts as part of the segment before it", 0.4,
+                       hard=False)
 UNNUMBERED_PLAN = _c("UNNUMBERED_PLAN", "a plan does not start with its number, as in '<plan>1: ...'", 0.4, hard=False)
 STEP_NUMBER_MISMATCH = _c("STEP_NUMBER_MISMATCH", "step i does not carry the number of plan i", 0.2, hard=False)
 

@@ -18,7 +18,8 @@ Layout (the one place it is computed; the engine, the env and the trainer all us
   serialized indices per nesting level: ``visible(q, k) = k <= q and not any(lo[q, d] <= k < hi[q, d])``.
 * whitespace between tags belongs to the segment before it: whitespace after ``</guideline>`` is part of the
   guideline (steps start after it), whitespace after ``</step>`` is part of that step (its siblings never
-  see it).
+  see it). So is stray text, which is also flagged ``TEXT_BETWEEN_TAGS`` (soft): ``</step>x<step>`` keeps
+  ``x`` in the first step and the block is still recognised.
 
 Layout kinds: ``"parallel"`` (the rule above, what the native engine decodes with), ``"sequential"`` (plain
 causal, blocks decoded one step after another) and ``"orchestrated"`` (what a stock causal server produces
@@ -90,6 +91,7 @@ class TagVocab:
         self.id_of = {t: vocab[t] for t in TAGS}
         self.tag_of = {i: t for t, i in self.id_of.items()}
         self.eos_ids = frozenset(i for i in [tokenizer.eos_token_id] if i is not None)
+        self.unk_ids = frozenset(i for i in [getattr(tokenizer, "unk_token_id", None)] if i is not None)
         self._ws: dict[int, bool] = {}
         self._numbers: dict[str, tuple[int, ...]] = {}
         self.size = len(tokenizer)
@@ -111,6 +113,26 @@ class TagVocab:
     def decode(self, ids) -> str:
         ids = [i for i in ids if 0 <= i < self.size]
         return self.tokenizer.decode(ids)
+
+    def has_unknown(self, ids) -> bool:
+        """Whether ``ids`` hold a token that stands for a character the vocabulary cannot write (or no token)."""
+        return any(i in self.unk_ids or not 0 <= i < self.size for i in ids)
+
+    def measure_text(self, ids) -> str:
+        """The text of ``ids`` for length checks: each unknown token (``<unk>``, an out-of-vocabulary id) is one
+        character (U+FFFD), whatever the tokenizer prints for it."""
+        out, run = [], []
+        for i in ids:
+            if i in self.unk_ids or not 0 <= i < self.size:
+                if run:
+                    out.append(self.tokenizer.decode(run))
+                    run = []
+                out.append("\ufffd")
+            else:
+                run.append(i)
+        if run:
+            out.append(self.tokenizer.decode(run))
+        return "".join(out)
 
     @classmethod
     def of(cls, tokenizer) -> TagVocab:
@@ -770,9 +792,11 @@ class Cursor:
             return Event.EOS
         v = g.vocab
         t = self.trace
-        ws = tid not in v.tag_of and v.is_ws(tid)
-        # Serial routing: leave a finished step on a non-whitespace token, then hand it to the parent.
-        while t is not self.home and t.mode == M_STEP_DONE and not ws and t.parent.routed:
+        # Serial routing: leave a finished step on a tag (or EOS), then hand it to the parent. Whitespace after a
+        # </step> stays in that step, and so does other text (TEXT_BETWEEN_TAGS, soft): `</step>x<step>` is one
+        # word too many between two steps, not a broken block; the step's siblings never see it.
+        leaves = tid in v.tag_of or tid in v.eos_ids
+        while t is not self.home and t.mode == M_STEP_DONE and leaves and t.parent.routed:
             t = self.trace = t.parent.parent
         if t.mode == M_STEPS and t.open_block.routed:
             b = t.open_block
@@ -781,7 +805,7 @@ class Cursor:
                 self.trace = child
                 return self._feed(child, tid, meta)
             if not b.children:
-                if ws:  # whitespace after </guideline> belongs to the guideline
+                if tid not in v.tag_of and v.is_ws(tid):  # whitespace after </guideline> belongs to the guideline
                     g._push(t, tid, KIND_GUIDELINE, meta)
                     return Event.CONTINUE
                 if tid not in v.tag_of and tid not in v.eos_ids:
@@ -908,9 +932,11 @@ class Cursor:
                 g._push(t, tid, KIND_STEP, meta)
             else:
                 return self._feed(t, tid, meta)
-        elif mode == M_STEP_DONE:
+        elif mode == M_STEP_DONE:  # after </step>: whitespace, or text that stays with the step (flagged once a run)
             if not (tag is None and v.is_ws(tid)):
-                g._flag("TEXT_BETWEEN_TAGS", t, "after </step>")
+                prev = t.ids[-1] if t.ids else None
+                if prev is None or prev in v.tag_of or v.is_ws(prev):
+                    g._flag("TEXT_BETWEEN_TAGS", t, "after </step>")
             g._push(t, tid, KIND_STEP, meta)
         return Event.CONTINUE
 
@@ -948,11 +974,17 @@ class Cursor:
                                  f"plan {t.index + 1} is {want!r}")
 
     def _check_content(self, t: Trace, seg: Segment, code: str, min_chars: int, numbered: str | None = None):
-        text = self.graph.vocab.decode(t.ids[seg.start:seg.end])
+        v = self.graph.vocab
+        ids = t.ids[seg.start:seg.end]
+        text = v.decode(ids)
         seg.text = text
         seg.number = plan_number(text)
-        body = text.split(":", 1)[1] if seg.number is not None else text
+        # Length is counted on what the tokens say, not on how the tokenizer prints them: an unknown or
+        # unrepresentable token (``<unk>``, an id outside the vocabulary) is one character, not five.
+        measured = v.measure_text(ids) if v.has_unknown(ids) else text
+        body = measured.split(":", 1)[1] if plan_number(measured) is not None else measured
         if seg.number is None and numbered:
             self.graph._flag(numbered, t)
-        if len(body.strip()) < min_chars:
-            self.graph._flag(code, t, f"{len(body.strip())} < {min_chars} characters")
+        n = len(body.strip())
+        if n < min_chars:
+            self.graph._flag(code, t, f"{n} < {min_chars} characters")

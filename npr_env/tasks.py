@@ -390,8 +390,12 @@ def _strip_math(s: str) -> str:
     return s
 
 
-def _format_answer(value) -> str | None:
-    """A gold answer as a string: 27.0 -> "27"; a list -> "a, b"; "$x$" -> "x"; None or empty -> None."""
+def _format_answer(value, nested: bool = False) -> str | None:
+    """A gold answer as a string: 27.0 -> "27"; a list -> "a, b"; "$x$" -> "x"; None or empty -> None.
+
+    A list inside the list keeps its nesting as a tuple: ``[1, [2, 3]]`` -> ``"1, (2, 3)"`` (two answers, the
+    second a pair), never the three answers ``"1, 2, 3"``.
+    """
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, float):
@@ -404,10 +408,10 @@ def _format_answer(value) -> str | None:
         s = _strip_math(value)
         return s or None
     if isinstance(value, (list, tuple)):
-        parts = [_format_answer(v) for v in value]
+        parts = [_format_answer(v, nested=True) for v in value]
         if not parts or any(p is None for p in parts):
             return None
-        return ", ".join(parts)
+        return "(" + ", ".join(parts) + ")" if nested else ", ".join(parts)
     return None
 
 
@@ -451,7 +455,8 @@ def iter_rows(path: str | Path, what: str = "rows") -> Iterator[tuple[str, objec
     """``(where, row)`` for each row of a JSON list (or an object holding one list) or a JSONL file.
 
     ``where`` names the file and line (JSONL) or item (JSON) for error messages; malformed JSON and non-UTF-8
-    text raise :class:`TaskFormatError` naming the file and line. Rows are read lazily.
+    text raise :class:`TaskFormatError` naming the file and line. A UTF-8 byte-order mark at the start of the
+    file is accepted (``utf-8-sig``: editors on Windows write one). Rows are read lazily.
     """
     path = Path(path)
     if not path.is_file():
@@ -459,7 +464,7 @@ def iter_rows(path: str | Path, what: str = "rows") -> Iterator[tuple[str, objec
     try:
         if path.suffix == ".json":
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = json.loads(path.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as e:
                 raise TaskFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
             if isinstance(data, dict):  # {"data": [...]} and similar wrappers
@@ -472,7 +477,7 @@ def iter_rows(path: str | Path, what: str = "rows") -> Iterator[tuple[str, objec
             for i, row in enumerate(data):
                 yield f"{path}: item {i} (0-based)", row
             return
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -489,7 +494,8 @@ def load_problems(path: str | Path, source: str | None = None, limit: int | None
     """Problems from a ``.json`` list or a ``.jsonl`` file in any of the benchmark schemas.
 
     Per row: the question is ``problem`` or ``question``; the gold is ``answer`` or ``final_answer`` (numbers
-    printed as integers when integral, lists joined with ", ", ``$`` stripped), else the last ``\\boxed{}`` of
+    printed as integers when integral, lists joined with ", " and a list inside a list kept as a tuple ``(a, b)``,
+    ``$`` stripped), else the last ``\\boxed{}`` of
     ``solution``. A reference solution is kept in ``solutions["reference"]``. ``source`` defaults to the file's
     name (its folder's name for generic names such as ``test.jsonl``).
     """

@@ -23,21 +23,24 @@ on the machine:
 
 * extraction and the fast path run in the caller's thread and are charged at their thread CPU time
   (``time.thread_time``); they are linear in the response length (100 KB of unterminated boxes: milliseconds);
-* the worker charges math-verify at its own process CPU time: an ``ITIMER_PROF`` interval timer (it counts
-  the process's CPU time, not the clock) raises in the worker when the rest of the budget is spent, and a
-  result that took more than the budget is ``False`` whatever it was;
-* math-verify stuck inside one long C call (a huge integer power) cannot take a Python signal, so the parent
-  also reads the worker's CPU time (``/proc/<pid>/stat``) while it waits and kills a worker that runs more
-  than ``CPU_GRACE`` past the budget; ``RLIMIT_CPU`` stops an orphaned worker whose parent died.
-* A wall-clock safety net, ``max(WALL_SAFETY_MIN, WALL_SAFETY_FACTOR * timeout)`` seconds (30 s for the
-  default), much larger than any CPU budget, is there only for a *hung* worker (one that waits without
-  computing); under any realistic load a worker spends its CPU budget long before that.
+* the rest of the budget goes to math-verify. A worker imports and warms math-verify once, then judges every
+  request in a *fork* of itself, so each request starts from the same warm state (its cost never depends on
+  the requests before it: sympy's caches, lazily built tables) and is charged at its own process CPU time:
+  an ``ITIMER_PROF`` timer (it counts CPU time, not the clock) raises when the budget is spent, and a result
+  that took more than the budget is ``False`` whatever it was. math-verify stuck inside one long C call (a
+  huge integer power) cannot take a Python signal, so an ``ITIMER_VIRTUAL`` timer ends the fork
+  ``CPU_GRACE`` CPU seconds later (SIGVTALRM's default action), and ``RLIMIT_CPU`` a second after that.
+* A wall-clock safety net, ``max(WALL_SAFETY_MIN, WALL_SAFETY_FACTOR * timeout)`` seconds (50 s for the
+  default budget), much larger than any CPU budget, is there only for a *hung* request (one that waits
+  without computing); under any realistic load a request spends its CPU budget long before that. The parent
+  waits 10 s longer than that for the worker itself, and replaces a worker that hangs or dies.
 
-A CPU budget is deterministic up to the small noise of CPU accounting (a case that needs 2 CPU seconds gets
-the same verdict alone or beside busy processes, where the wall clock would give 4 s or more). Every
-model-output input gets a deterministic verdict: over budget, a crash of the worker, or any exception is
-``False``. The budget counts from the moment the request reaches a *ready* worker, so a cold start (importing
-sympy, about 0.5 s) never turns a right answer into a timeout. POSIX only (``select`` on pipes, ``setitimer``).
+So a case that needs 2 CPU seconds gets the same verdict alone or beside busy processes (where the wall
+clock gives 4 s or more), and the same verdict first or after any other request; the only noise left is
+that of the kernel's CPU accounting, which matters only for a case within a few percent of the budget.
+Every model-output input gets a deterministic verdict: over budget, a crash, or any exception is ``False``.
+The budget counts from the moment the request reaches a *ready* worker, so a cold start (importing sympy,
+about 1 s) never turns a right answer into a timeout. POSIX only (``select`` on pipes, ``fork``, ``setitimer``).
 """
 
 from __future__ import annotations
@@ -63,14 +66,13 @@ from .schema import boxed_answers, last_boxed
 MAX_ANSWER_CHARS = 2000
 # How long a new worker may take to import math-verify and warm up before we call it broken.
 STARTUP_TIMEOUT = 60.0
-# CPU seconds a worker may run past its budget (it normally stops itself at the budget) before the parent kills it.
+# CPU seconds a request may run past its budget (it normally stops itself at the budget) before the kernel ends it.
 CPU_GRACE = 0.25
-# How often the parent samples a busy worker's CPU time while it waits for the verdict.
-CPU_POLL_S = 0.05
+# The largest CPU budget a request gets (a larger or infinite ``timeout`` is this), about 11 days.
+MAX_BUDGET = 1e6
 # Wall-clock safety net for a hung worker only: max(WALL_SAFETY_MIN, WALL_SAFETY_FACTOR * budget) seconds.
 WALL_SAFETY_MIN = 30.0
 WALL_SAFETY_FACTOR = 10.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # Worker memory cap (address space), so that `\\boxed{9^{9^{9^9}}}` fails fast instead of eating the machine.
 MAX_WORKER_MEM_MB = int(os.environ.get("NPR_VERIFY_MAX_MEM_MB", "3072"))
 
@@ -220,12 +222,23 @@ def math_verify_equal(pred: str, gold: str) -> bool:
     return bool(mv_verify(g, p, timeout_seconds=None))
 
 
+# Warm-up pairs a worker runs once at start, before it forks anything: imports, grammars and sympy's lazily built
+# tables for the common answer kinds, so that no request pays them (every request runs in a fresh fork of the
+# warm worker, whose state never changes).
+_WARMUP = (
+    ("\\frac{1}{2}", "0.5"), ("\\sqrt{8}", "2\\sqrt{2}"), ("(x+1)^2", "x^2+2x+1"), ("[1,2)", "[1,2)"),
+    ("\\{1,2\\}", "1,2"), ("x=2", "2"), ("\\log_2 8", "3"), ("10\\%", "0.1"), ("\\sin^2 x+\\cos^2 x", "1"),
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+    ("\\int_0^1 x\\,dx", "\\frac12"), ("\\lim_{x\\to 0} \\frac{\\sin x}{x}", "1"), ("\\sum_{k=1}^{3} k", "6"),
+)
+
+
 class _OverBudget(BaseException):
-    """Raised inside a worker when a request has spent its CPU budget (a BaseException, so that the libraries'
-    ``except Exception`` blocks cannot swallow it)."""
+    """Raised inside a request's process when it has spent its CPU budget (a BaseException, so that the
+    libraries' ``except Exception`` blocks cannot swallow it)."""
 
 
-_cpu_deadline: float | None = None  # worker only: process CPU time at which the current request is over
+_cpu_deadline: float | None = None  # in a request's process: its CPU time at which the budget is spent
 
 
 def _on_cpu_timer(signum, frame) -> None:
@@ -233,43 +246,118 @@ def _on_cpu_timer(signum, frame) -> None:
         raise _OverBudget
 
 
-def _disarm() -> None:
-    global _cpu_deadline
-    import signal
-
-    while True:  # a timer tick may land between the statements: try until both are done
-        try:
-            _cpu_deadline = None
-            signal.setitimer(signal.ITIMER_PROF, 0.0, 0.0)
-            return
-        except _OverBudget:
-            continue
-
-
 def _judge(pred: str, gold: str, budget: float) -> bool:
-    """math-verify's verdict within ``budget`` CPU seconds of this process; over it, False."""
+    """math-verify's verdict within ``budget`` CPU seconds of this process; over it, False. Runs in the fork."""
     global _cpu_deadline
+    import resource
     import signal
 
+    # The kernel's limits, in CPU time of this process (a fork starts at 0): SIGVTALRM (default action: end the
+    # process) CPU_GRACE after the budget, for math-verify stuck in one long C call that cannot take a Python
+    # signal; RLIMIT_CPU (SIGXCPU) a second later as the last word.
+    try:
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        soft = math.ceil(budget + CPU_GRACE) + 1
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    except (ValueError, OSError):
+        pass
+    signal.signal(signal.SIGVTALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_VIRTUAL, budget + CPU_GRACE)
     start = time.process_time()
+    ok = False
     try:
         _cpu_deadline = start + budget
-        # ITIMER_PROF counts this process's CPU time (user + system), never the clock; after the first tick it
-        # ticks again every 10 ms of CPU, in case a library swallows the first exception.
+        # ITIMER_PROF counts this process's CPU time (user + system), never the clock. It ticks again every
+        # 10 ms of CPU after the first time, in case a library swallows the first exception.
         signal.setitimer(signal.ITIMER_PROF, max(budget, 1e-3), 0.01)
         ok = math_verify_equal(pred, gold)
     except BaseException:  # noqa: BLE001 - over budget, RecursionError, MemoryError, sympy errors: "not equal"
         ok = False
-    finally:
-        _disarm()
+    _cpu_deadline = None  # later ticks do nothing (the process ends right after this)
     return bool(ok) and time.process_time() - start <= budget
 
 
+def _run_forked(pred: str, gold: str, budget: float) -> bool:
+    """Judge one request in a fork of this (warm) worker, so that every request starts from the same state:
+    its CPU time, and so its verdict, never depends on the requests before it (sympy's caches, lazily built
+    tables) or on what else runs on the machine. The fork is ended if it runs past ``budget`` (see ``_judge``)."""
+    import select as _select
+    import signal
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the request's process: never returns
+        code = 0
+        try:
+            os.close(r)
+            _set_pdeathsig()
+            ok = _judge(pred, gold, budget)
+            os.write(w, b"1" if ok else b"0")
+        except BaseException:  # noqa: BLE001 - a late timer tick: no verdict written means False
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    deadline = time.monotonic() + _wall_net(budget)  # a fork that waits without computing (hung)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                break
+            ready, _, _ = _select.select([r], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(r, 16)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    return data == b"1"
+
+
+_prctl = None  # worker only: libc's prctl, looked up once before any fork
+
+
+def _find_prctl():
+    global _prctl
+    try:
+        import ctypes
+
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except Exception:  # noqa: BLE001 - not Linux: the CPU limits still end a busy fork
+        _prctl = None
+
+
+def _set_pdeathsig() -> None:
+    """Linux: end this fork if its worker dies (so that a killed worker never leaves a request running)."""
+    if _prctl is not None:
+        try:
+            _prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _wall_net(budget: float) -> float:
+    """The wall-clock safety net for a budget of ``budget`` CPU seconds: only a hung process ever reaches it."""
+    return max(WALL_SAFETY_MIN, WALL_SAFETY_FACTOR * budget)
+
+
 def _worker_main() -> None:
-    """Worker loop: one JSON request per line on stdin (``[id, pred, gold, cpu_budget_s]``), ``id 0|1`` out."""
+    """Worker loop: one JSON request per line on stdin (``[id, pred, gold, cpu_budget_s]``), ``id 0|1`` out.
+
+    The worker warms up once, then judges every request in a fork of itself (``_run_forked``)."""
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # anything the libraries print goes to stderr, never into the protocol
     try:
+        import gc
         import logging
         import resource
         import signal
@@ -282,35 +370,32 @@ def _worker_main() -> None:
             _, hard = resource.getrlimit(resource.RLIMIT_AS)
             if hard == resource.RLIM_INFINITY or hard > lim:
                 resource.setrlimit(resource.RLIMIT_AS, (lim, hard))
-        try:  # RLIMIT_CPU ends a worker with SIGXCPU: no core file for that
+        try:  # a fork ended by RLIMIT_CPU (SIGXCPU) writes no core file
             resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
         except (ValueError, OSError):
             pass
-        math_verify_equal("\\frac{1}{2}", "0.5")  # warm up: imports, grammar, sympy caches
+        for p, g in _WARMUP:
+            try:
+                math_verify_equal(p, g)
+            except Exception:  # noqa: BLE001 - a warm-up pair is an optimisation, not a requirement
+                pass
+        math_verify_equal("\\frac{1}{2}", "0.5")  # but math-verify itself must work
+        _find_prctl()
+        gc.collect()
+        gc.freeze()  # the warm state is shared by every fork: keep the collector from touching (copying) it
     except BaseException as e:  # noqa: BLE001 - report any start-up failure to the parent
         out.write(("error " + json.dumps(f"{type(e).__name__}: {e}") + "\n").encode())
         return
     out.write(b"ready\n")
-    cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
     for line in sys.stdin.buffer:
         try:
             rid, pred, gold, budget = json.loads(line)
             budget = float(budget)
         except Exception:
             continue
-        # Backstop for a request stuck in C code whose parent died (the parent kills it otherwise): the kernel
-        # stops us with SIGXCPU a second or two of CPU after the budget.
         try:
-            used = resource.getrusage(resource.RUSAGE_SELF)
-            soft = math.ceil(used.ru_utime + used.ru_stime + budget) + 1
-            if cpu_hard == resource.RLIM_INFINITY or soft < cpu_hard:
-                resource.setrlimit(resource.RLIMIT_CPU, (soft, cpu_hard))
-        except (ValueError, OSError):
-            pass
-        try:
-            ok = _judge(pred, gold, budget)
-        except BaseException:  # noqa: BLE001 - a timer tick in the last statements: over budget
-            _disarm()
+            ok = _run_forked(pred, gold, budget)
+        except BaseException:  # noqa: BLE001 - cannot fork (memory, process limit): no verdict but False
             ok = False
         out.write(f"{rid} {int(ok)}\n".encode())
 
@@ -387,37 +472,22 @@ class _Worker:
             raise VerifierError(f"the math-verify worker did not start ({why})")
         self.ready = True
 
-    def cpu_seconds(self) -> float | None:
-        """The worker's CPU time so far (user + system, from ``/proc``), or None where it cannot be read."""
-        try:
-            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-        except (OSError, IndexError, ValueError):
-            return None
-
     def call(self, pred: str, gold: str, budget: float) -> bool | None:
-        """The verdict within ``budget`` CPU seconds of the worker, or None when the worker ran over, hung or
-        died (it must then be replaced). The worker stops itself at the budget and answers False; the parent
-        kills it at ``budget + CPU_GRACE`` CPU seconds (stuck in C code), or at the wall-clock safety net (hung)."""
+        """The verdict within ``budget`` CPU seconds of work, or None when the worker hung or died (it must then
+        be replaced). The request's own process stops at the budget and the answer is then False; the wait here
+        is bounded only by the wall-clock safety net, a little longer than the worker's own."""
         self.wait_ready()
         rid = self.next_id
         self.next_id += 1
         req = json.dumps([rid, pred, gold, budget]) + "\n"
-        cpu0 = self.cpu_seconds()
-        wall_deadline = time.monotonic() + max(WALL_SAFETY_MIN, WALL_SAFETY_FACTOR * budget)
+        deadline = time.monotonic() + _wall_net(budget) + 10.0
         try:
             self.proc.stdin.write(req.encode())
             self.proc.stdin.flush()
             while True:
-                line = self._readline(min(wall_deadline, time.monotonic() + CPU_POLL_S))
+                line = self._readline(deadline)
                 if line is None:
-                    if time.monotonic() >= wall_deadline:
-                        return None
-                    cpu = self.cpu_seconds() if cpu0 is not None else None
-                    if cpu is not None and cpu - cpu0 > budget + CPU_GRACE:
-                        return None
-                    continue
+                    return None
                 got, _, ok = line.decode().partition(" ")
                 if got == str(rid):
                     return ok == "1"
@@ -594,12 +664,12 @@ def _prepare_charged(prediction_text, gold, fast: bool, timeout: float | None) -
     (at this thread's CPU time), so the budget covers everything the verifier does."""
     t0 = time.thread_time()
     prep = _prepare(prediction_text, gold, fast)
-    if timeout is None:
-        return prep, math.inf
+    if timeout is None or timeout <= 0:  # no budget at all / the fast path alone
+        return prep, (math.inf if timeout is None else 0.0)
     left = float(timeout) - (time.thread_time() - t0)
     if left <= 0:
         return False, 0.0  # the budget went on extraction alone: over budget, whatever the fast path said
-    return prep, left
+    return prep, min(left, MAX_BUDGET)
 
 
 def answers_match(pred: str, gold: str, timeout: float | None = 5.0) -> bool:
@@ -612,8 +682,9 @@ def verify(prediction_text: str, gold: str, timeout: float | None = 5.0, fast: b
 
     ``timeout`` is the budget in **CPU seconds** (extraction, the fast path and math-verify together; see the
     module docstring); over it, the verdict is False, however busy the machine is. ``timeout=None`` runs
-    math-verify in this process with no budget at all: only for trusted inputs. ``fast=False`` skips the fast
-    path (every pair goes to math-verify; for tests and debugging).
+    math-verify in this process with no budget at all: only for trusted inputs; ``timeout=0`` gives the fast
+    path's verdict alone (False where only math-verify could tell). ``fast=False`` skips the fast path (every
+    pair goes to math-verify; for tests and debugging).
     """
     prep, left = _prepare_charged(prediction_text, gold, fast, timeout)
     if isinstance(prep, bool):
