@@ -15,7 +15,6 @@ stage 2's rejection sampling run on every rank, identically (same weights, same 
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import time
@@ -58,24 +57,12 @@ class _SavesStateDict:
         self.model.save_pretrained(out_dir, state_dict=self.state_dict, **kwargs)
 
 
-def trainer_has_hooks() -> bool:
-    """Whether ``NPRTrainer`` takes a ``dist`` (its RL and SFT loops call the hooks of npr_agent/distributed.py)."""
-    return "dist" in inspect.signature(NPRTrainer.__init__).parameters
-
-
 class DistributedNPRTrainer(NPRTrainer):
     """:class:`NPRTrainer` on one rank of a torchrun job: rank 0 logs and saves, every rank trains."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
                  dist: Dist = LOCAL):
-        if trainer_has_hooks():
-            super().__init__(cfg, run_dir, resume=resume, show_progress=show_progress and dist.is_main, dist=dist)
-        elif dist.enabled:
-            raise RuntimeError("npr_agent/trainer.py has no distributed hooks (NPRTrainer(..., dist=...)); "
-                               "see docs/scaling.md, 'Multi-process training'")
-        else:
-            self.dist = dist
-            super().__init__(cfg, run_dir, resume=resume, show_progress=show_progress)
+        super().__init__(cfg, run_dir, resume=resume, show_progress=show_progress and dist.is_main, dist=dist)
 
     def setup(self) -> None:
         super().setup()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import random
 import time
 from contextlib import contextmanager
@@ -651,11 +650,3 @@ class NPRTrainer:
             print(f"[{stage}] eval ({mode}): accuracy {res.accuracy:.3f}, valid {res.valid_rate:.3f}, "
                   f"parallel {res.parallel_rate:.3f}, ideal speedup {res.speedup_ideal:.2f} (n={res.n})")
         return res
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def isfinite(x: float) -> bool:
-    return math.isfinite(x)

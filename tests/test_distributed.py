@@ -2,7 +2,6 @@
 as 1 rank x the full batch, for a PAPO update on fixed rollouts of a tiny Qwen3 (DDP and FSDP2)."""
 
 import copy
-import inspect
 import os
 import pickle
 import socket
@@ -213,19 +212,11 @@ def test_qwen3_4b_config_mirrors_the_preset():
     assert load_file(ROOT / "configs" / "qwen3-4b.toml").to_dict() == preset("qwen3-4b").to_dict()
 
 
-def _trainer_has_hooks() -> bool:
-    from npr_agent.trainer import NPRTrainer
-
-    return "dist" in inspect.signature(NPRTrainer.__init__).parameters
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_torchrun_trains_tiny_preset(tmp_path, strategy):
     """`torchrun --nproc_per_node 2 -m npr_agent.train`: a few SFT and RL steps, rank 0 logging and saving."""
-    if not _trainer_has_hooks():
-        pytest.skip("npr_agent/trainer.py has no distributed hooks yet (NPRTrainer(..., dist=...))")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "npr_agent.train", "--strategy", strategy, "--preset", "tiny",
