@@ -235,10 +235,11 @@ CHUNKED_IMPL = "npr_chunked"  # our registered attention implementation (sdpa fo
 _DENSE_IMPLS = (None, "eager", "sdpa", CHUNKED_IMPL, CHUNKED_IMPL + "_eager")
 
 
-def logprob_chunk_rows(vocab_size: int, budget: int = LOGIT_BUDGET) -> int:
-    """Rows of one ``[rows, V]`` logits chunk: ``budget // V`` (at least 16), so a chunk stays ~128 MiB in fp32
-    whatever the vocabulary (220 rows at Qwen3's 151,936)."""
-    return max(16, budget // max(1, int(vocab_size)))
+def logprob_chunk_rows(vocab_size: int, budget: int = LOGIT_BUDGET, max_rows: int = 1024) -> int:
+    """Rows of one ``[rows, V]`` logits chunk: ``budget // V`` (at least 16, at most ``max_rows``), so a chunk
+    stays ~128 MiB in fp32 whatever the vocabulary (220 rows at Qwen3's 151,936). Small vocabularies keep
+    1024-row chunks: the same GEMM shapes, so the same rounding, as before the bound existed."""
+    return max(16, min(max_rows, budget // max(1, int(vocab_size))))
 
 
 def attention_chunk_rows(batch_size: int, seq_len: int, budget: int = MASK_BUDGET) -> int:

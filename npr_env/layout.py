@@ -88,28 +88,71 @@ def collate(layouts: list[Layout], pad_to: int | None = None) -> dict[str, np.nd
     return {"position_ids": pos, "hide_lo": lo, "hide_hi": hi, "valid": valid}
 
 
+def _mark_hidden(out, hide_lo, hide_hi, valid, q0: int, mark, unmark) -> None:
+    """Mark, in ``out`` ``[B, rows, k_len]`` (rows ``q0 : q0 + rows``), every column its row may not see:
+    ``mark(view, where)`` hides the ``where`` entries of a view, ``unmark(view, where)`` shows them again.
+
+    Only the regions that can hold hidden columns are touched: the chunk's own upper triangle (later tokens),
+    the columns past it, padding columns, and per nesting level the span of columns some row hides.
+    """
+    import torch
+
+    B, C, k_len = out.shape
+    q1 = q0 + C
+    T, D = hide_lo.shape[1], hide_lo.shape[2]
+    if not (0 <= q0 <= q1 <= T and 0 < k_len <= T):
+        raise ValueError(f"rows {q0}:{q1} / {k_len} columns outside a layout of {T} tokens")
+    dev, cpu = hide_lo.device, hide_lo.device.type == "cpu"
+    if k_len > q0 and C:  # later tokens inside the chunk's own columns: k > q
+        w = min(q1, k_len) - q0
+        mark(out[:, :, q0:q0 + w], torch.ones(C, w, dtype=torch.bool, device=dev).triu_(1))
+    if k_len > q1:  # columns past the chunk: later than every row
+        mark(out[:, :, q1:], None)
+    if not cpu or not bool(valid[:, :k_len].all()):  # padding columns (a sync is free on CPU only)
+        mark(out, ~valid[:, None, :k_len])
+    k = torch.arange(k_len, device=dev)[None, :]
+    for d in range(D):
+        lo, hi = hide_lo[:, q0:q1, d, None], hide_hi[:, q0:q1, d, None]
+        a, b = 0, k_len
+        if cpu:  # only the columns some row of this chunk hides at this level
+            nonempty = hi > lo
+            if not bool(nonempty.any()):
+                continue
+            a, b = int(lo[nonempty].min()), min(k_len, int(hi[nonempty].max()))
+            if a >= b:
+                continue
+        kk = k[:, a:b]
+        inside = kk >= lo
+        inside &= kk < hi
+        mark(out[:, :, a:b], inside)
+    # a padding row sees itself, so no row is empty (an empty row gives NaN in softmax); a valid row always does
+    n = max(0, min(q1, k_len) - q0)
+    if n:
+        unmark(out.diagonal(offset=q0, dim1=1, dim2=2), ~valid[:, q0:q0 + n])
+
+
+def _hidden_rows(hide_lo, hide_hi, valid, q0: int = 0, q1: int | None = None, k_len: int | None = None):
+    """Torch bool ``[B, q1 - q0, k_len]``, True where row q may *not* see column k."""
+    import torch
+
+    q1 = hide_lo.shape[1] if q1 is None else q1
+    k_len = q1 if k_len is None else k_len
+    out = torch.zeros(hide_lo.shape[0], max(0, q1 - q0), max(0, k_len), dtype=torch.bool, device=hide_lo.device)
+
+    def mark(view, where):
+        view.fill_(True) if where is None else view.logical_or_(where)
+
+    _mark_hidden(out, hide_lo, hide_hi, valid, q0, mark, lambda view, where: view.logical_and_(~where))
+    return out
+
+
 def allowed_rows(hide_lo, hide_hi, valid, q0: int = 0, q1: int | None = None, k_len: int | None = None):
     """Rows ``q0:q1`` of :func:`allowed_mask`, columns ``0:k_len``: torch bool ``[B, 1, q1 - q0, k_len]``.
 
     Built on the tensors' device from the compact layout only, so a query chunk costs ``O(B * rows * k_len)``.
     ``k_len`` defaults to ``q1``: no row sees a later column, so the columns past the chunk are never needed.
     """
-    import torch
-
-    B, T, D = hide_lo.shape
-    q1 = T if q1 is None else q1
-    k_len = q1 if k_len is None else k_len
-    if not (0 <= q0 <= q1 <= T and 0 < k_len <= T):
-        raise ValueError(f"rows {q0}:{q1} / {k_len} columns outside a layout of {T} tokens")
-    dev = hide_lo.device
-    q = torch.arange(q0, q1, device=dev)[:, None]
-    k = torch.arange(k_len, device=dev)[None, :]
-    allowed = (k <= q).unsqueeze(0) & valid[:, None, :k_len]
-    for d in range(D):
-        lo, hi = hide_lo[:, q0:q1, d, None], hide_hi[:, q0:q1, d, None]
-        allowed = allowed & ~((k >= lo) & (k < hi))
-    allowed = allowed | ((~valid[:, q0:q1])[:, :, None] & (q == k).unsqueeze(0))
-    return allowed.unsqueeze(1)
+    return (~_hidden_rows(hide_lo, hide_hi, valid, q0, q1, k_len)).unsqueeze(1)
 
 
 def allowed_mask(hide_lo, hide_hi, valid):
@@ -129,9 +172,16 @@ def attention_bias_rows(hide_lo, hide_hi, valid, q0: int = 0, q1: int | None = N
     import torch
 
     dtype = dtype or torch.float32
-    allowed = allowed_rows(hide_lo, hide_hi, valid, q0, q1, k_len)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    q1 = hide_lo.shape[1] if q1 is None else q1
+    k_len = q1 if k_len is None else k_len
+    bias = torch.zeros(hide_lo.shape[0], 1, max(0, q1 - q0), max(0, k_len), dtype=dtype, device=hide_lo.device)
+    low = torch.finfo(dtype).min
+
+    def mark(view, where):  # written straight into the float mask: no [rows, T] boolean is built
+        view.fill_(low) if where is None else view.masked_fill_(where, low)
+
+    _mark_hidden(bias[:, 0], hide_lo, hide_hi, valid, q0, mark, lambda view, where: view.masked_fill_(where, 0.0))
+    return bias
 
 
 def attention_bias(hide_lo, hide_hi, valid, dtype=None):
