@@ -467,6 +467,8 @@ def iter_rows(path: str | Path, what: str = "rows") -> Iterator[tuple[str, objec
                 data = json.loads(path.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as e:
                 raise TaskFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise TaskFormatError(f"{path}: JSON nested too deeply to read") from None
             if isinstance(data, dict):  # {"data": [...]} and similar wrappers
                 lists = [v for v in data.values() if isinstance(v, list)]
                 if len(lists) != 1:
@@ -485,6 +487,8 @@ def iter_rows(path: str | Path, what: str = "rows") -> Iterator[tuple[str, objec
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise TaskFormatError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise TaskFormatError(f"{path}:{lineno}: JSON nested too deeply to read") from None
                 yield f"{path}:{lineno}", row
     except UnicodeDecodeError as e:
         raise TaskFormatError(f"{path}: not UTF-8 text ({e})") from None

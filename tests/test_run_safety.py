@@ -116,3 +116,12 @@ def test_config_file_values_are_validated_too(tmp_path):
     bad.write_text('[stage3]\nalgorithm = "papoo"\n')
     with pytest.raises(ConfigError, match="stage3.algorithm"):
         validate(load_file(bad))
+
+
+def test_deeply_nested_problem_files_name_the_file(tmp_path):
+    from npr_env.tasks import load_problems
+
+    for name, text in (("deep.json", "[" * 100_000), ("deep.jsonl", "[" * 100_000 + "\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(TaskFormatError, match=f"{name}.*nested too deeply"):
+            load_problems(tmp_path / name)
