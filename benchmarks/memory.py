@@ -30,13 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .engine_speed import cpu_name
 
 TARGETS = {"npr_over_causal_16k": 1.3, "growth_8k_16k": 2.2}
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
@@ -197,16 +198,6 @@ def run_child(config, n_tokens, threads, device, checkpointing, glibc_default: b
     if out.returncode != 0:
         raise RuntimeError(f"{config} at T={n_tokens} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _k(n: int) -> str:

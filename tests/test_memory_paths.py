@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from test_policy import NESTED, SEQUENTIAL, TWO_BLOCKS  # the same trajectories as the dense-path tests
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import npr_agent.policy as policy
@@ -26,19 +27,6 @@ from npr_agent.policy import (
     use_chunked_attention,
 )
 from npr_env import layout as L
-
-TWO_BLOCKS = (
-    "<guideline><plan>1: a b c</plan><plan>2: d e f</plan></guideline><step>1: xxxxxx</step>"
-    "<step>2: yyyyyy</step><takeaway>zzzzzz</takeaway>"
-    "<guideline><plan>1: a b c</plan><plan>2: d e f</plan><plan>3: ghi</plan></guideline>\n<step>1: xxxxxx</step>\n"
-    "<step>2: yyyyyy</step><step>3: qqqqqqq</step><takeaway>zzzzzz</takeaway>\\boxed{1}"
-)
-NESTED = (  # a block inside step 1: two hidden intervals per token there
-    "<guideline><plan>1: a b c</plan><plan>2: d e f</plan></guideline><step>1: <guideline><plan>1: uuu</plan>"
-    "<plan>2: vvv</plan></guideline><step>1: pppppp</step><step>2: qqqqqq</step><takeaway>rrrrrr</takeaway> ok"
-    "</step>\n<step>2: yyyyyy</step><takeaway>zzzzzz</takeaway>\\boxed{7}"
-)
-SEQUENTIAL = "<guideline><plan>1: one</plan><plan>2: two</plan></guideline><step>1: aaaaaa</step><step>2: bbbb</step>"
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = "needs CUDA: FlexAttention has no backward on CPU (and its kernels are compiled for the GPU)"
