@@ -1,8 +1,10 @@
 """Named graph constraints and the two presets.
 
 Each constraint is a small object with a ``code``, a ``message`` and the format-score ``penalty`` it costs.
-The parser in :mod:`npr_env.graph` reports what it sees by code; a :class:`ConstraintSet` decides which codes
-count. A user can compose a set from the built-ins, or add a constraint with a ``check(graph)`` function of
+The parser (:mod:`npr_env.cursor`, :mod:`npr_env.verdicts`) reports what it sees with these objects, imported by
+name (a misspelled one fails at import time); a :class:`ConstraintSet` decides which count. Codes given as
+strings (``ConstraintSet(["EMPTY_STEP", ...])``, ``strict(disable=["EMPTY_STEP"])``) are checked: an unknown one
+raises a ValueError naming it and listing the valid codes. Violations carry the code string (``v.code``). A user can compose a set from the built-ins, or add a constraint with a ``check(graph)`` function of
 their own::
 
     from npr_env import constraints as C
@@ -46,6 +48,7 @@ text between plans                      non-plan content in a guideline     ``TE
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -109,24 +112,80 @@ ALL: tuple[Constraint, ...] = (
     STEP_NUMBER_MISMATCH,
 )
 BY_CODE = {c.code: c for c in ALL}
+_ORDER = {c.code: i for i, c in enumerate(ALL)}
+
+
+def unknown_code(code) -> ValueError:
+    """The error for a code that names no constraint: it names the bad code and lists the valid ones."""
+    near = difflib.get_close_matches(str(code), BY_CODE, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ValueError(f"unknown constraint code {code!r}{hint}; valid codes: {', '.join(sorted(BY_CODE))}")
+
+
+def lookup(code: str | Constraint) -> Constraint:
+    """The built-in constraint of ``code`` (a code string or a constraint); a ValueError for an unknown code."""
+    if isinstance(code, Constraint):
+        code = code.code
+    c = BY_CODE.get(code) if isinstance(code, str) else None
+    if c is None:
+        raise unknown_code(code)
+    return c
+
+
+def _codes(items: Iterable[str | Constraint] | str | None, what: str) -> set[str]:
+    if items is None:
+        return set()
+    if isinstance(items, (str, Constraint)):
+        items = [items]
+    try:
+        return {lookup(x).code for x in items}
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 class ConstraintSet:
-    """The constraints that count for one graph, with the limits that the parser enforces."""
+    """The constraints that count for one graph, with the limits that the parser enforces.
 
-    def __init__(self, constraints: Iterable[Constraint], name: str = "custom", max_plans: int = MAX_PLANS,
+    ``constraints`` holds :class:`Constraint` objects or built-in codes (``"EMPTY_STEP"``). A code that names
+    no built-in constraint raises a ValueError listing the valid ones, and so does a constraint of an unknown
+    code without a ``check`` (the parser would never report it). Lookups (``in``, :meth:`get`) take a
+    constraint or a code, and an unknown code there raises too: a typo never silently disables a rule.
+    """
+
+    def __init__(self, constraints: Iterable[Constraint | str], name: str = "custom", max_plans: int = MAX_PLANS,
                  max_depth: int = MAX_DEPTH):
-        self.constraints = tuple(constraints)
+        items = []
+        for c in constraints:
+            if isinstance(c, str):
+                c = lookup(c)
+            elif not isinstance(c, Constraint):
+                raise TypeError(f"a ConstraintSet holds Constraint objects or codes, got {type(c).__name__}")
+            elif c.code not in BY_CODE and c.check is None:
+                raise ValueError(f"constraint {c.code!r} has no check() and is not a built-in code, so nothing "
+                                 f"would ever report it; valid codes: {', '.join(sorted(BY_CODE))}")
+            items.append(c)
+        self.constraints = tuple(items)
         self.name = name
         self.max_plans = max_plans
         self.max_depth = max_depth
         self._by_code = {c.code: c for c in self.constraints}
 
-    def __contains__(self, code: str) -> bool:
-        return code in self._by_code
+    def _key(self, code: str | Constraint) -> str:
+        key = code.code if isinstance(code, Constraint) else code
+        if key not in self._by_code and key not in BY_CODE:
+            raise unknown_code(key)
+        return key
 
-    def get(self, code: str) -> Constraint | None:
-        return self._by_code.get(code)
+    def __contains__(self, code: str | Constraint) -> bool:
+        return self._key(code) in self._by_code
+
+    def get(self, code: str | Constraint) -> Constraint | None:
+        """This set's constraint of ``code`` (None when the set leaves that built-in out)."""
+        return self._by_code.get(self._key(code))
+
+    @property
+    def codes(self) -> tuple[str, ...]:
+        return tuple(self._by_code)
 
     def custom(self) -> tuple[Constraint, ...]:
         return tuple(c for c in self.constraints if c.check is not None)
@@ -135,23 +194,44 @@ class ConstraintSet:
         return f"ConstraintSet({self.name!r}, {len(self.constraints)} constraints, max_plans={self.max_plans})"
 
 
-def relaxed(**limits) -> ConstraintSet:
+def _preset(name: str, base: Iterable[Constraint], enable, disable, limits: dict) -> ConstraintSet:
+    on, off = _codes(enable, f"{name}(enable=...)"), _codes(disable, f"{name}(disable=...)")
+    if on & off:
+        raise ValueError(f"{name}(): {sorted(on & off)} both enabled and disabled")
+    base = [c for c in base]
+    have = {c.code for c in base}
+    chosen = [c for c in base if c.code not in off] + [c for c in ALL if c.code in on and c.code not in have]
+    chosen.sort(key=lambda c: _ORDER[c.code])
+    return ConstraintSet(chosen, name=name, **limits)
+
+
+def relaxed(enable: Iterable[str | Constraint] | None = None, disable: Iterable[str | Constraint] | None = None,
+            **limits) -> ConstraintSet:
     """Stage 1 (format discovery): the reference checker's rules. One plan per block is fine, plans need not
-    be numbered, and a parallel block is not required; a response without any block still fails."""
+    be numbered, and a parallel block is not required; a response without any block still fails.
+
+    ``enable``/``disable``: codes (or constraints) to add to / leave out of the preset; an unknown code raises.
+    """
     skip = {NO_PARALLEL_BLOCK.code, UNNUMBERED_PLAN.code, STEP_NUMBER_MISMATCH.code}
-    return ConstraintSet([c for c in ALL if c.code not in skip], name="relaxed", **limits)
+    return _preset("relaxed", [c for c in ALL if c.code not in skip], enable, disable, limits)
 
 
-def strict(**limits) -> ConstraintSet:
-    """Stages 2-3: every rule, numbered plans and steps, and at least one block with two or more branches."""
-    return ConstraintSet(ALL, name="strict", **limits)
+def strict(enable: Iterable[str | Constraint] | None = None, disable: Iterable[str | Constraint] | None = None,
+           **limits) -> ConstraintSet:
+    """Stages 2-3: every rule, numbered plans and steps, and at least one block with two or more branches.
+
+    ``disable``: codes (or constraints) to leave out; an unknown code raises (``enable`` is accepted for
+    symmetry: every built-in is already on).
+    """
+    return _preset("strict", ALL, enable, disable, limits)
 
 
 PRESETS = {"relaxed": relaxed, "strict": strict}
 
 
 def resolve(constraints: str | ConstraintSet | None, **limits) -> ConstraintSet:
-    """A preset name (built with ``limits``, e.g. ``max_plans``), a ready set (returned as is), or None (strict)."""
+    """A preset name (built with ``limits``, e.g. ``max_plans``, ``disable``), a ready set (returned as is), or
+    None (strict)."""
     if constraints is None:
         return strict(**limits)
     if isinstance(constraints, ConstraintSet):

@@ -267,3 +267,34 @@ def test_missing_tags_in_tokenizer_is_a_clear_error():
     plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, "<unk>")))
     with pytest.raises(ValueError, match="add_npr_tokens"):
         ExecutionGraph(plain)
+
+
+# -- constraint codes are checked ----------------------------------------------------------------------------
+@pytest.mark.parametrize("build", [
+    lambda: C.ConstraintSet(["EMPTY_STEPP"]),
+    lambda: C.strict(disable=["EMPTY_STEPP"]),
+    lambda: C.relaxed(enable=["EMPTY_STEPP"]),
+    lambda: C.resolve("strict", disable=("EMPTY_STEPP",)),
+    lambda: C.strict().get("EMPTY_STEPP"),
+    lambda: "EMPTY_STEPP" in C.strict(),
+    lambda: C.ConstraintSet([C.Constraint("EMPTY_STEPP", "a typo, no check", 1.0, True)]),
+])
+def test_a_misspelled_code_raises_naming_it_and_the_valid_ones(build):
+    with pytest.raises(ValueError, match="EMPTY_STEPP") as e:
+        build()
+    assert "EMPTY_STEP" in str(e.value) and "UNCLOSED_TAG" in str(e.value)
+
+
+def test_codes_enable_and_disable_rules_and_verdicts_keep_their_strings():
+    text = CASES["EMPTY_STEP"]
+    assert codes(text) == {"EMPTY_STEP"}
+    assert npr_env.parse(text, constraints=C.strict(disable=["EMPTY_STEP"])).is_valid
+    assert npr_env.parse(text, constraints=C.strict(disable=[C.EMPTY_STEP])).is_valid
+    unnumbered = CASES["UNNUMBERED_PLAN"]
+    assert npr_env.parse(unnumbered, constraints="relaxed").is_valid
+    g = npr_env.parse(unnumbered, constraints=C.relaxed(enable=["UNNUMBERED_PLAN"]))
+    assert [type(v.code) for v in g.violations] == [str] and [v.code for v in g.violations] == ["UNNUMBERED_PLAN"]
+    cs = C.ConstraintSet(["EMPTY_STEP", C.UNCLOSED_TAG])
+    assert "EMPTY_STEP" in cs and C.UNCLOSED_TAG in cs and "NO_BLOCK" not in cs and cs.get("NO_BLOCK") is None
+    assert C.strict().codes == tuple(c.code for c in C.ALL)
+
