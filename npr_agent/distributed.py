@@ -419,7 +419,7 @@ def sft_update(model: nn.Module, samples: Sequence[Sample], optimizer, *, micro_
 @torch.no_grad()
 def logprob_mismatch(model: nn.Module, rollouts: Sequence, temperature: float = 1.0, device=None) -> float:
     """Max |trainer - engine| logprob over the sampled tokens of ``rollouts``, in one forward."""
-    from engine.orchestration import training_sample
+    from .scoring import training_sample
 
     batch = build_batch([training_sample(r) for r in rollouts], device=device)
     lp = token_logprobs(model, batch, temperature=temperature)
@@ -439,7 +439,7 @@ def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tens
     Returns this rank's metrics, ready for :meth:`Dist.reduce_metrics` (``loss/*`` are this rank's shares of
     the global loss). No optimizer step anywhere when no rank has a nonzero advantage.
     """
-    from engine.orchestration import training_sample
+    from .scoring import training_sample
 
     samples = [training_sample(r) for r in kept]
     adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)

@@ -1,7 +1,10 @@
-"""The parallel layout in its two forms, and the device-side helpers built on the compact one.
+"""The parallel layout: where it is computed from a graph, its two forms, and the device-side helpers.
 
-:class:`Layout` is produced by :meth:`npr_env.graph.ExecutionGraph.layout` (the only place positions and
-visibility are computed). This module only *reads* it:
+This module is the one place positions and visibility are computed. :func:`serialize` walks an execution
+graph's traces (:mod:`npr_env.trace`) into serialized order with the position and the hidden intervals of every
+token (:meth:`npr_env.graph.ExecutionGraph.layout` returns it as a :class:`Layout`), and
+:func:`orchestrated_view` packs the rows that score an orchestrated rollout (what ``npr_agent.scoring`` hands
+the trainer). Everything else here only *reads* a :class:`Layout`:
 
 * ``Layout.dense_mask()``: ``[L, L]`` bool, for tests and small inputs;
 * ``collate`` + ``attention_bias``: a batch of compact layouts to an additive float mask built on the device,
@@ -15,8 +18,12 @@ visibility are computed). This module only *reads* it:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .trace import Trace
 
 
 @dataclass
@@ -53,6 +60,159 @@ class Layout:
     def sequential(length: int) -> Layout:
         z = np.zeros((length, 1), dtype=np.int64)
         return Layout(np.arange(length, dtype=np.int64), z, z.copy())
+
+
+
+def _hide_arrays(hides: list[tuple], depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[L, depth]`` lo/hi arrays from per-token tuples of hidden ``(lo, hi)`` intervals, one per level."""
+    lo = np.zeros((len(hides), depth), dtype=np.int64)
+    hi = np.zeros((len(hides), depth), dtype=np.int64)
+    for q, h in enumerate(hides):
+        for d, (a, b) in enumerate(h):
+            lo[q, d], hi[q, d] = a, b
+    return lo, hi
+
+
+# -- computing the layout of a graph -----------------------------------------------------------------------------
+class Serialized(NamedTuple):
+    """A graph's tokens in serialized order, with their layout (what :func:`serialize` returns)."""
+
+    ids: list[int]
+    position_ids: np.ndarray  # [L] int64
+    kinds: np.ndarray  # [L] int64 (npr_env.trace.KIND_*)
+    meta: list
+    hide_lo: np.ndarray  # [L, D] int64
+    hide_hi: np.ndarray  # [L, D] int64
+    start_of: dict[int, int]  # trace uid -> serialized index of the trace's first token
+
+    def layout(self) -> Layout:
+        return Layout(self.position_ids.copy(), self.hide_lo.copy(), self.hide_hi.copy())
+
+
+def serialize(root: Trace) -> Serialized:
+    """The serialized order of the graph under ``root`` and its layout.
+
+    Order: a trace's tokens up to a block's fork, then child 1, child 2, ..., then the trace again from where
+    the children were serialized. Positions are the ones the tokens got when appended (the cursor gives a
+    parallel block's steps the same start position and continues after the longest). Visibility: a token of a
+    parallel block's step hides the earlier sibling steps of that block, one ``[lo, hi)`` per nesting level.
+    """
+    ids, pos, kinds, meta, hides, where = [], [], [], [], [], {}
+    max_d = 1
+
+    def walk(t: Trace, hide: tuple):
+        nonlocal max_d
+        start = 0
+        for b in t.blocks:
+            if b.offset < 0:  # guideline still open, no step yet: its tokens come with the trace's tail
+                continue
+            emit(t, start, b.offset, hide)
+            start = b.offset
+            first = len(ids)
+            for c in b.children:
+                h = hide + ((first, len(ids)),) if b.parallel else hide
+                max_d = max(max_d, len(h))
+                walk(c, h)
+        emit(t, start, len(t.ids), hide)
+
+    def emit(t: Trace, a: int, b: int, hide: tuple):
+        if a == 0:
+            where[t.uid] = len(ids)
+        ids.extend(t.ids[a:b])
+        pos.extend(t.pos[a:b])
+        kinds.extend(t.kinds[a:b])
+        meta.extend(t.meta[a:b])
+        hides.extend([hide] * (b - a))
+
+    walk(root, ())
+    lo, hi = _hide_arrays(hides, max_d)
+    return Serialized(ids, np.asarray(pos, dtype=np.int64), np.asarray(kinds, dtype=np.int64), meta, lo, hi, where)
+
+
+def subtree_spans(root: Trace) -> tuple[dict[int, int], dict[int, int]]:
+    """Serialized start and length of every trace's subtree (the walk of :func:`serialize`)."""
+    start: dict[int, int] = {}
+    size: dict[int, int] = {}
+    pos = 0
+
+    def walk(t: Trace):
+        nonlocal pos
+        start[t.uid] = pos
+        cut = 0
+        for b in t.blocks:
+            if b.offset < 0:
+                continue
+            pos += b.offset - cut
+            cut = b.offset
+            for c in b.children:
+                walk(c)
+        pos += len(t.ids) - cut
+        size[t.uid] = pos - start[t.uid]
+
+    walk(root)
+    return start, size
+
+
+@dataclass
+class ScoringView:
+    """Rows that score a trajectory (see ``npr_agent.scoring.scoring_view``): ``source[i]`` is the serialized
+    index row ``i`` holds, ``layout`` is over the rows, ``scored[i]`` marks the row that scores its token."""
+
+    source: np.ndarray  # [R] int64
+    layout: Layout
+    scored: np.ndarray  # [R] bool
+
+
+def orchestrated_view(root: Trace) -> ScoringView:
+    """The packed rows that score a graph generated with fork/join orchestrated as separate causal requests.
+
+    A token of a *first* sibling step, and every token after a join, was generated with the serialized
+    sequence before it as context, causal, at position = serialized index (at a join the server re-prefills
+    every step causally: the takeaway reads step 2's KV computed *after* step 1). A token of a *non-first* step
+    j was generated by its own request: the prefix before the fork, then step j, positions continuing the
+    prefix. One token cannot carry both KVs in one forward, so the view packs: the serialized sequence
+    (causal), then one re-encoded copy of each non-first step's subtree, seeing the rows before its fork and
+    itself (hidden interval ``[fork_row, copy_start)``, nested per level). ``scored[i]`` marks the row that
+    gives the logprob of token ``source[i]``; each token is scored exactly once, the other rows are context.
+    """
+    start, size = subtree_spans(root)
+    src: list[int] = []
+    pos: list[int] = []
+    hides: list[tuple] = []
+    scored: list[bool] = []
+
+    def lay(t: Trace, hide: tuple, p0: int):
+        """One region: the serialized subtree of ``t``, causal, positions from ``p0``, hiding ``hide``."""
+        a, n, r0 = start[t.uid], size[t.uid], len(src)
+        src.extend(range(a, a + n))
+        pos.extend(range(p0, p0 + n))
+        hides.extend([hide] * n)
+        scored.extend([True] * n)
+        copies = []
+
+        def scope(u: Trace):  # blocks whose first step is generated inside this region
+            for b in u.blocks:
+                if b.offset < 0 or not b.children:
+                    continue
+                if not b.parallel:  # a declined fork: its steps follow each other in this region
+                    for c in b.children:
+                        scope(c)
+                    continue
+                scope(b.children[0])
+                fork_row = r0 + start[b.children[0].uid] - a
+                for c in b.children[1:]:
+                    s = r0 + start[c.uid] - a
+                    scored[s:s + size[c.uid]] = [False] * size[c.uid]
+                    copies.append((c, fork_row))
+
+        scope(t)
+        for c, fork_row in copies:  # each non-first step again, seeing this region up to its fork
+            lay(c, hide + ((fork_row, len(src)),), p0 + fork_row - r0)
+
+    lay(root, (), 0)
+    lo, hi = _hide_arrays(hides, max([len(h) for h in hides] + [1]))
+    return ScoringView(np.asarray(src, dtype=np.int64), Layout(np.asarray(pos, dtype=np.int64), lo, hi),
+                       np.asarray(scored, dtype=bool))
 
 
 def predictor_indices(layout: Layout) -> np.ndarray:

@@ -15,11 +15,9 @@ from engine.orchestration import (
     CompletionRequest,
     OrchestratedEngine,
     SequentialBackend,
-    scored_logprobs,
-    scoring_view,
-    training_sample,
 )
 from npr_agent.policy import build_batch, token_logprobs
+from npr_agent.scoring import scored_logprobs, scoring_view, training_sample
 from npr_env.schema import GUIDELINE_CLOSE, STEP_CLOSE, STEP_OPEN, TAGS, TAKEAWAY_OPEN, format_block
 
 TOK = npr_env.load_tokenizer()

@@ -23,8 +23,9 @@ from engine.backends.sglang import (
     sglang_unavailable_reason,
     weight_dtype,
 )
-from engine.orchestration import CompletionRequest, OrchestratedEngine, scored_logprobs, training_sample
+from engine.orchestration import CompletionRequest, OrchestratedEngine
 from npr_agent.policy import build_batch, token_logprobs
+from npr_agent.scoring import scored_logprobs, training_sample
 from npr_env.schema import format_block
 
 TOK = npr_env.load_tokenizer()
