@@ -298,3 +298,45 @@ def test_codes_enable_and_disable_rules_and_verdicts_keep_their_strings():
     assert "EMPTY_STEP" in cs and C.UNCLOSED_TAG in cs and "NO_BLOCK" not in cs and cs.get("NO_BLOCK") is None
     assert C.strict().codes == tuple(c.code for c in C.ALL)
 
+
+# -- the tag vocabulary is cached beside the tokenizer, never on it --------------------------------------------
+class _SlotTokenizer:
+    """A tokenizer that refuses attributes, weak references and hashing."""
+
+    __slots__ = ("inner",)
+    __hash__ = None
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __eq__(self, other):
+        return isinstance(other, _SlotTokenizer) and other.inner is self.inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_tag_vocab_cache_writes_nothing_on_the_tokenizer():
+    from npr_env.graph import TagVocab
+
+    before = set(vars(TOK))
+    v = TagVocab.of(TOK)
+    assert TagVocab.of(TOK) is v and set(vars(TOK)) == before
+    odd = _SlotTokenizer(TOK)
+    w = TagVocab.of(odd)
+    assert w is not v and TagVocab.of(odd) is w and w.tokenizer is odd
+    g = ExecutionGraph.from_text(GOOD, odd)
+    assert g.is_valid and g.token_ids == ExecutionGraph.from_text(GOOD, TOK).token_ids
+
+
+def test_moved_names_are_still_importable_from_graph():
+    from npr_env import cursor, layout, verdicts, vocab
+    from npr_env.graph import Cursor, Event, ScoringView, TagVocab
+
+    assert (Cursor, Event, ScoringView, TagVocab) == (cursor.Cursor, cursor.Event, layout.ScoringView, vocab.TagVocab)
+    assert verdicts.Flag._fields == ("constraint", "trace", "local", "detail")
+    s = ExecutionGraph.from_text(GOOD, prompt="Q?").serialized()
+    assert s.ids == list(s.ids) and s.position_ids.shape == (len(s.ids),) and s.start_of[0] == 0
