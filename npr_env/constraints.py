@@ -198,7 +198,7 @@ def _preset(name: str, base: Iterable[Constraint], enable, disable, limits: dict
     on, off = _codes(enable, f"{name}(enable=...)"), _codes(disable, f"{name}(disable=...)")
     if on & off:
         raise ValueError(f"{name}(): {sorted(on & off)} both enabled and disabled")
-    base = [c for c in base]
+    base = list(base)
     have = {c.code for c in base}
     chosen = [c for c in base if c.code not in off] + [c for c in ALL if c.code in on and c.code not in have]
     chosen.sort(key=lambda c: _ORDER[c.code])
