@@ -28,7 +28,7 @@ import torch
 
 from npr_env import constraints as C
 from npr_env.graph import TagVocab
-from npr_env.schema import MAX_DEPTH, MAX_PLANS, STEP_OPEN, TAKEAWAY_OPEN
+from npr_env.schema import MAX_DEPTH, MAX_PLANS
 
 from .kv_cache import BlockPool
 from .rollout import Rollout, generate_inputs, stops_on_violation
@@ -186,8 +186,6 @@ class NPREngine:
         self.pool = self._new_pool()
         self.reserve_blocks = self.pool.blocks_for(reserve_tokens)
         self.reserve_tokens = reserve_tokens
-        self.step_open_id = self.vocab.id_of[STEP_OPEN]
-        self.takeaway_open_id = self.vocab.id_of[TAKEAWAY_OPEN]
         self.last_stats: dict = {}
         self._warned_long = False
 

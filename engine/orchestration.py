@@ -56,8 +56,6 @@ from npr_env.schema import (
     MAX_DEPTH,
     MAX_PLANS,
     STEP_CLOSE,
-    STEP_OPEN,
-    TAKEAWAY_OPEN,
 )
 
 from .rollout import Rollout, generate_inputs, stops_on_violation
@@ -148,8 +146,7 @@ class OrchestratedEngine:
         self.min_fork_budget = min_fork_budget
         self.stop_on_violation = stop_on_violation
         ids = self.vocab.id_of
-        self.step_open, self.step_close = ids[STEP_OPEN], ids[STEP_CLOSE]
-        self.takeaway_open, self.guideline_close = ids[TAKEAWAY_OPEN], ids[GUIDELINE_CLOSE]
+        self.step_close, self.guideline_close = ids[STEP_CLOSE], ids[GUIDELINE_CLOSE]
         self.last_stats: dict = {}
 
     def load_weights(self, state_dict: dict, **kw) -> None:

@@ -43,46 +43,16 @@ from collections import deque
 
 import torch
 
-from npr_env import branches
-from npr_env.branches import FINISHING, FORKING, Rules, Trajectory, fork_within, never
+from npr_env.branches import FINISHING, FORKING, Hooks, Rules, fork_within, never
 from npr_env.graph import ExecutionGraph
 
 from .kv_cache import BlockTable
+from .request import Branch, Request
 from .rollout import Rollout
 from .sampling import Sampler, SamplingParams, policy_logprobs
 
 
-class Branch(branches.Branch):
-    """A branch with its KV block table, the token it feeds next, and its sampling state."""
-
-    __slots__ = ("table", "pending", "pending_pos", "ctx", "row", "takeaway_lp")
-
-    def __init__(self, req: Request, cursor, parent: Branch | None):
-        super().__init__(req, cursor, parent)
-        self.table: BlockTable | None = None
-        self.pending = -1
-        self.pending_pos = -1
-        self.ctx: list[int] | None = None  # visible tokens in serialized order (only with logits processors)
-        self.row = -1  # presence row of the repetition penalty (-1: penalties off)
-        self.takeaway_lp = 0.0  # a child: logprob of <takeaway> after its </step>; a joined parent: the one it uses
-
-
-class Request(Trajectory):
-    """One sample being decoded, with its random generator and its KV accounting."""
-
-    def __init__(self, index: int, prompt_index: int, sample_index: int, graph: ExecutionGraph, rules: Rules,
-                 generator: torch.Generator | None):
-        super().__init__(graph, rules)
-        self.index, self.prompt_index, self.sample_index = index, prompt_index, sample_index
-        self.generator = generator
-        self.tables: list[BlockTable] = []
-        self.decode_steps = 0
-        self.last_step = -1
-        self.t_end = 0.0
-        self.blocks_held = self.peak_blocks = 0
-
-
-class Scheduler(branches.Hooks):
+class Scheduler(Hooks):
     """The state of one ``NPREngine.generate`` call; :meth:`run` returns the rollouts in request order."""
 
     def __init__(self, engine, prompts: list[list[int]], params: SamplingParams, mode: str,
@@ -333,12 +303,11 @@ class Scheduler(branches.Hooks):
         B = len(rows)
         sample = [i for i, b in enumerate(rows) if b.state not in (FORKING, FINISHING) and not b.traj.done]
         chosen = [0] * B
-        step_open, takeaway_open = self.engine.step_open_id, self.engine.takeaway_open_id
         for i, b in enumerate(rows):
             if b.state == FORKING:
-                chosen[i] = step_open
+                chosen[i] = b.traj.step_open
             elif b.state == FINISHING:
-                chosen[i] = takeaway_open
+                chosen[i] = b.traj.takeaway_open
         if len(sample) == B:
             chosen_t = self._sample(rows, sample, logits)
         else:

@@ -208,11 +208,12 @@ class Trajectory:
 
     # -- the result ------------------------------------------------------------------------------------------
     def rollout(self, factory: Callable, **fields):
-        """``factory(**rollout fields, **fields)``: token ids, per-token logprobs and forced marks, finish."""
+        """``factory(**rollout fields, **fields)``: token ids, per-token logprobs (NaN where none was given) and
+        forced marks, finish."""
         g = self.graph
         meta = g.token_meta()[g.prompt_len:]
         reason = self.finish_reason or "aborted"
         return factory(prompt_ids=self.prompt_ids, token_ids=g.response_ids,
-                       logprobs=[float(m[0]) for m in meta], forced_mask=[bool(m[1]) for m in meta], graph=g,
+                       logprobs=[float("nan") if m[0] is None else float(m[0]) for m in meta], forced_mask=[bool(m[1]) for m in meta], graph=g,
                        layout=g.layout_kind, finish_reason=reason, truncated=reason not in ("eos", "stop"),
                        num_tokens=len(meta), num_forks=self.num_forks, **fields)
