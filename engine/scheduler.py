@@ -260,21 +260,9 @@ class Scheduler(Hooks):
             parts.append(runner.run(pool, runner.prepare_decode(pool, [b.table for b in bs], [b.pending for b in bs],
                                                                 [b.pending_pos for b in bs])))
         if runs:
-            bs = [rows[i] for i in runs]
-            toks = [[b.pending, *b.forced] for b in bs]
-            # positions after pending's: the cursor's next, then consecutive (a forced run stays in one trace)
-            pos = [[b.pending_pos] + [b.cursor.next_position + k for k in range(len(b.forced))] for b in bs]
-            logits = runner.run(pool, runner.prepare_extend(pool, [b.table for b in bs], toks, pos, every=True))
-            qs = [len(t) for t in toks]
-            r_idx = torch.tensor([r for r, q in enumerate(qs) for _ in range(q - 1)], device=logits.device)
-            k_idx = torch.tensor([k for q in qs for k in range(q - 1)], device=logits.device)
-            want = torch.tensor([t for b in bs for t in b.forced], device=logits.device)
-            lps = policy_logprobs(logits[r_idx, k_idx], want, self.params.temperature).tolist()
-            a = 0
-            for i, q, p in zip(runs, qs, pos):
-                forced_lps[i] = (lps[a:a + q - 1], p[1:])
-                a += q - 1
-            parts.append(logits[torch.arange(len(bs), device=logits.device), torch.tensor(qs, device=logits.device) - 1])
+            nxt, per_row = self._forward_runs([rows[i] for i in runs])
+            forced_lps = dict(zip(runs, per_row))
+            parts.append(nxt)
         if len(parts) == 1:
             nxt = parts[0]
         else:  # back to row order
@@ -282,6 +270,26 @@ class Scheduler(Hooks):
             nxt = torch.empty((len(rows), parts[0].shape[1]), dtype=parts[0].dtype, device=parts[0].device)
             nxt[order] = torch.cat(parts)
         self._emit(rows, nxt, forced_lps)
+
+    def _forward_runs(self, bs: list[Branch]) -> tuple[torch.Tensor, list[tuple[list[float], list[int]]]]:
+        """One forward of rows ``[pending, *forced]``: the logits after each row's last token, and per row the
+        logprobs of its forced tokens with the positions they were fed at."""
+        runner, pool = self.runner, self.pool
+        toks = [[b.pending, *b.forced] for b in bs]
+        # positions after pending's: the cursor's next, then consecutive (a forced run stays in one trace)
+        pos = [[b.pending_pos] + [b.cursor.next_position + k for k in range(len(b.forced))] for b in bs]
+        logits = runner.run(pool, runner.prepare_extend(pool, [b.table for b in bs], toks, pos, every=True))
+        dev = logits.device
+        qs = [len(t) for t in toks]
+        r_idx = torch.tensor([r for r, q in enumerate(qs) for _ in range(q - 1)], device=dev)
+        k_idx = torch.tensor([k for q in qs for k in range(q - 1)], device=dev)
+        want = torch.tensor([t for b in bs for t in b.forced], device=dev)
+        lps = policy_logprobs(logits[r_idx, k_idx], want, self.params.temperature).tolist()
+        per_row, a = [], 0
+        for q, p in zip(qs, pos):
+            per_row.append((lps[a:a + q - 1], p[1:]))
+            a += q - 1
+        return logits[torch.arange(len(bs), device=dev), torch.tensor(qs, device=dev) - 1], per_row
 
     def _emit(self, rows: list[Branch], logits: torch.Tensor, forced_lps: dict | None = None) -> None:
         """Append each row's forced run, choose (or force) its next token with its policy logprob, and apply it."""
