@@ -165,6 +165,12 @@ class BlockTable:
         """Whether appending one token takes a fresh block from the pool."""
         return self._writable() < 0
 
+    def blocks_needed(self, n: int) -> int:
+        """Fresh blocks that appending ``n`` tokens takes from the pool."""
+        b = self._writable()
+        room = self.pool.block_size - self.pool.fill[b] if b >= 0 else 0
+        return self.pool.blocks_for(max(0, n - room))
+
     def append_slot(self) -> int:
         """Reserve the slot for the next token of this branch and return its flat index."""
         pool = self.pool

@@ -28,10 +28,10 @@ import torch
 
 from npr_env import constraints as C
 from npr_env.graph import TagVocab
-from npr_env.schema import MAX_DEPTH, MAX_PLANS, STEP_OPEN, TAKEAWAY_OPEN
+from npr_env.schema import MAX_DEPTH, MAX_PLANS
 
 from .kv_cache import BlockPool
-from .rollout import Rollout
+from .rollout import Rollout, generate_inputs, stops_on_violation
 from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
@@ -186,25 +186,13 @@ class NPREngine:
         self.pool = self._new_pool()
         self.reserve_blocks = self.pool.blocks_for(reserve_tokens)
         self.reserve_tokens = reserve_tokens
-        self.step_open_id = self.vocab.id_of[STEP_OPEN]
-        self.takeaway_open_id = self.vocab.id_of[TAKEAWAY_OPEN]
         self.last_stats: dict = {}
         self._warned_long = False
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams | None = None,
                  mode: str = "parallel") -> list[Rollout]:
         """Generate ``params.n`` rollouts per prompt (prompt-major order). Token ids in, token ids out."""
-        params = params or SamplingParams()
-        if mode not in ("parallel", "sequential"):
-            raise ValueError(f"mode must be 'parallel' or 'sequential', got {mode!r}")
-        prompts = [[int(t) for t in p] for p in prompt_ids]
-        vocab_rows = self.runner.embed.shape[0]
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty: the first token needs a prompt to be predicted from")
-            bad = [t for t in p if not 0 <= t < vocab_rows]
-            if bad:
-                raise ValueError(f"prompt {i} has token ids outside the model's vocabulary: {bad[:5]}")
+        params, prompts = generate_inputs(prompt_ids, params, mode, self.runner.embed_rows)
         for i, p in enumerate(prompts):
             need = self.blocks_needed(len(p))
             if need > self.pool.num_blocks:
@@ -218,9 +206,7 @@ class NPREngine:
             log.warning("NPREngine: a rollout may reach %d tokens but the KV pool holds %d (%s); one that outgrows "
                         "it alone ends 'aborted'", longest, self.pool_info.num_tokens, self.pool_info.describe())
         self.runner.bind()
-        stop = self.stop_on_violation
-        if stop is None:
-            stop = mode == "parallel" and self.constraints.name == "strict"
+        stop = stops_on_violation(self.stop_on_violation, mode, self.constraints)
         self.pool.reset_peak()
         t0 = time.perf_counter()
         sched = Scheduler(self, prompts, params, mode, stop)

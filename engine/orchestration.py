@@ -28,11 +28,12 @@ The orchestrated layout (what each token was generated under):
   The trainer therefore scores a *packed* sequence: the S view, then one re-encoded copy of each non-first
   sibling step (seeing the prefix before its fork and itself). Each response token is scored exactly once,
   in the view it was generated under; the S-view rows of steps 2..k are context only. This is
-  :func:`scoring_view`, and :func:`training_sample` turns a rollout into what ``npr_agent.policy.build_batch``
-  takes. The training cost mirrors the inference cost: both encode steps 2..k twice.
+  ``npr_agent.scoring.scoring_view``, and ``npr_agent.scoring.training_sample`` turns a rollout into what
+  ``npr_agent.policy.build_batch`` takes. The training cost mirrors the inference cost: both encode steps 2..k
+  twice.
 
-The single source of truth for layouts is ``npr_env``'s graph: :func:`scoring_view` returns
-``ExecutionGraph.scoring_view()`` (graphs built with ``layout="orchestrated"``).
+The single source of truth for layouts is ``npr_env.layout``: the packed rows come from
+``npr_env.layout.orchestrated_view`` (graphs built with ``layout="orchestrated"``).
 
 Waves: the orchestrator sends every pending request of every live rollout in one ``backend.complete`` call,
 so the backend batches siblings and rollouts together; a wave waits for its slowest request.
@@ -46,17 +47,16 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 from npr_env import constraints as C
-from npr_env.graph import Event, ExecutionGraph, TagVocab
+from npr_env.branches import FINISHING, FORKING, Branch, Hooks, Rules, Trajectory, fork_within, never
+from npr_env.graph import ExecutionGraph, TagVocab
 from npr_env.schema import (
     GUIDELINE_CLOSE,
     MAX_DEPTH,
     MAX_PLANS,
     STEP_CLOSE,
-    STEP_OPEN,
-    TAKEAWAY_OPEN,
 )
 
-from .rollout import Rollout
+from .rollout import Rollout, generate_inputs, stops_on_violation
 from .sampling import SamplingParams
 
 # -- the backend protocol ----------------------------------------------------------------------------------------
@@ -105,35 +105,16 @@ class SequentialBackend(Protocol):
 
 # -- one rollout being built ---------------------------------------------------------------------------------
 
-class _Branch:
-    __slots__ = ("run", "cursor", "ctx", "pending", "parent", "children", "n_done", "path_len", "is_step", "done")
-
-    def __init__(self, run: _Run, cursor, ctx: list[int], parent: _Branch | None = None, path_len: int = 0,
-                 pending: list[int] | None = None):
-        self.run, self.cursor, self.ctx, self.parent = run, cursor, ctx, parent
-        self.pending = pending or []  # forced tokens that open the next request (their logprobs come back with it)
-        self.children: list[_Branch] = []
-        self.n_done = 0
-        self.path_len = path_len
-        self.is_step = parent is not None
-        self.done = False
+class _Branch(Branch):
+    __slots__ = ("ctx",)  # the ids its next request continues (serialized order); ``forced`` opens that request
 
 
-class _Run:
-    __slots__ = ("index", "prompt_index", "sample_index", "prompt", "graph", "active", "total", "finish_reason",
-                 "num_forks", "decode_steps", "t_end", "n_found", "requests", "reprefill")
-
-    def __init__(self, index: int, prompt_index: int, sample_index: int, prompt: list[int], graph: ExecutionGraph):
+class _Run(Trajectory):
+    def __init__(self, index: int, prompt_index: int, sample_index: int, graph: ExecutionGraph, rules: Rules):
+        super().__init__(graph, rules)
         self.index, self.prompt_index, self.sample_index = index, prompt_index, sample_index
-        self.prompt, self.graph = prompt, graph
-        self.active: list[_Branch] = []
-        self.total = self.num_forks = self.decode_steps = self.n_found = self.requests = self.reprefill = 0
-        self.finish_reason = ""
+        self.decode_steps = self.requests = self.reprefill = 0
         self.t_end = 0.0
-
-    @property
-    def done(self) -> bool:
-        return bool(self.finish_reason)
 
 
 class OrchestratedEngine:
@@ -163,8 +144,7 @@ class OrchestratedEngine:
         self.min_fork_budget = min_fork_budget
         self.stop_on_violation = stop_on_violation
         ids = self.vocab.id_of
-        self.step_open, self.step_close = ids[STEP_OPEN], ids[STEP_CLOSE]
-        self.takeaway_open, self.guideline_close = ids[TAKEAWAY_OPEN], ids[GUIDELINE_CLOSE]
+        self.step_close, self.guideline_close = ids[STEP_CLOSE], ids[GUIDELINE_CLOSE]
         self.last_stats: dict = {}
 
     def load_weights(self, state_dict: dict, **kw) -> None:
@@ -179,16 +159,8 @@ class OrchestratedEngine:
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams | None = None,
                  mode: str = "parallel") -> list[Rollout]:
         """``params.n`` rollouts per prompt (prompt-major order). Token ids in, token ids out."""
-        params = params or SamplingParams()
-        if mode not in ("parallel", "sequential"):
-            raise ValueError(f"mode must be 'parallel' or 'sequential', got {mode!r}")
-        prompts = [[int(t) for t in p] for p in prompt_ids]
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty: the first token needs a prompt to be predicted from")
-        stop = self.stop_on_violation
-        if stop is None:
-            stop = mode == "parallel" and self.constraints.name == "strict"
+        params, prompts = generate_inputs(prompt_ids, params, mode)
+        stop = stops_on_violation(self.stop_on_violation, mode, self.constraints)
         t0 = time.perf_counter()
         driver = _Driver(self, params, mode, stop, t0)
         runs = driver.start(prompts)
@@ -202,22 +174,25 @@ class OrchestratedEngine:
         return [driver.rollout(r) for r in runs]
 
 
-class _Driver:
+class _Driver(Hooks):
     """The state of one ``OrchestratedEngine.generate`` call (rollouts advance in waves of requests)."""
 
     def __init__(self, eng: OrchestratedEngine, params: SamplingParams, mode: str, stop_on_violation: bool,
                  t0: float):
         self.eng, self.params, self.mode, self.t0 = eng, params, mode, t0
-        self.stop_on_violation = stop_on_violation
-        self.total_budget = params.total_budget if mode == "parallel" else params.max_new_tokens
-        self.user_stops = frozenset(int(t) for t in params.stop_token_ids)
         self.eos = () if params.ignore_eos else tuple(sorted(eng.vocab.eos_ids))
-        base = tuple(sorted(self.user_stops)) + self.eos
+        user_stops = frozenset(int(t) for t in params.stop_token_ids)
+        base = tuple(sorted(user_stops)) + self.eos
         if mode == "parallel":
             self.root_stops = base + (eng.guideline_close,)
             self.step_stops = base + (eng.guideline_close, eng.step_close)
         else:
             self.root_stops = self.step_stops = base
+        self.rules = Rules(
+            max_path=params.max_new_tokens,
+            max_total=params.total_budget if mode == "parallel" else params.max_new_tokens,
+            stop_ids=user_stops, stop_on_violation=stop_on_violation,
+            may_fork=fork_within(eng.max_depth, eng.min_fork_budget) if mode == "parallel" else never, hooks=self)
         self.waves = self.requests = self.input_tokens = 0
 
     def start(self, prompts: list[list[int]]) -> list[_Run]:
@@ -226,11 +201,31 @@ class _Driver:
         for pi, prompt in enumerate(prompts):
             for si in range(self.params.n):
                 g = ExecutionGraph(self.eng.tokenizer, prompt, constraints=self.eng.constraints, layout=layout)
-                run = _Run(len(runs), pi, si, prompt, g)
-                run.active = [_Branch(run, g.cursor(auto_fork=self.mode == "sequential"), list(prompt))]
+                run = _Run(len(runs), pi, si, g, self.rules)
+                run.start(auto_fork=self.mode == "sequential")
                 runs.append(run)
         return runs
 
+    # -- what the life cycle means here: contexts ------------------------------------------------------------
+    def new_branch(self, run: _Run, cursor, parent: _Branch | None) -> _Branch:
+        b = _Branch(run, cursor, parent)
+        b.ctx = list(parent.ctx) if parent is not None else list(run.prompt_ids)
+        return b
+
+    def joined(self, p: _Branch, children: list[_Branch]) -> None:
+        # the parent's context becomes the serialized graph (what the continuation request re-prefills)
+        run = p.traj
+        base = len(p.ctx)
+        for i, ch in enumerate(children):
+            own = ch.ctx[base:]
+            p.ctx.extend(own)
+            if i:
+                run.reprefill += len(own)
+
+    def ended(self, run: _Run) -> None:
+        run.t_end = time.perf_counter()
+
+    # -- waves -------------------------------------------------------------------------------------------------
     def run(self, runs: list[_Run]) -> None:
         while True:
             branches = [b for r in runs if not r.done for b in r.active]
@@ -251,16 +246,14 @@ class _Driver:
             self.requests += len(reqs)
             self.input_tokens += sum(len(q.ids) for q in reqs)
             longest: dict[int, int] = {}
-            for b, req, out in zip(owners, reqs, outs):
-                run = b.run
+            for b, out in zip(owners, outs):
+                run = b.traj
                 run.requests += 1
                 longest[run.index] = max(longest.get(run.index, 0), len(out.token_ids))
                 if not run.done:
-                    self._absorb(b, req, out)
+                    self._absorb(b, out)
             for r in runs:
                 r.decode_steps += longest.get(r.index, 0)
-                if r.done and not r.t_end:
-                    r.t_end = time.perf_counter()
 
     def _wave_params(self) -> SamplingParams:
         p = self.params
@@ -269,123 +262,48 @@ class _Driver:
         return replace(p, seed=int(p.seed) + 1_000_003 * self.waves)  # a fresh, reproducible stream per wave
 
     def _request(self, b: _Branch) -> CompletionRequest | None:
-        run, P = b.run, self.params
-        room = min(P.max_new_tokens - b.path_len, self.total_budget - run.total) - len(b.pending)
+        run, P = b.traj, self.params
+        room = run.remaining(b) - len(b.forced)
         if room < 1:  # not even the forced tokens and one more fit: the budget ends the rollout
-            self._finish(run, "length")
+            run.end("length")
             return None
         stops = self.step_stops if b.is_step else self.root_stops
         pen = P.step_repetition_penalty if b.is_step else P.repetition_penalty
-        return CompletionRequest(ids=b.ctx + b.pending, max_new_tokens=room, stop_token_ids=stops,
-                                 repetition_penalty=pen, score_tail=len(b.pending))
+        return CompletionRequest(ids=b.ctx + b.forced, max_new_tokens=room, stop_token_ids=stops,
+                                 repetition_penalty=pen, score_tail=len(b.forced))
 
     # -- applying a completion to a branch -------------------------------------------------------------------
-    def _absorb(self, b: _Branch, req: CompletionRequest, out: Completion) -> None:
-        run = b.run
-        forced, b.pending = b.pending, []
-        if len(out.tail_logprobs) != len(forced):
-            raise RuntimeError(f"backend returned {len(out.tail_logprobs)} tail logprobs for {len(forced)} forced "
-                               "tokens")
+    def _absorb(self, b: _Branch, out: Completion) -> None:
+        run = b.traj
+        if len(out.tail_logprobs) != len(b.forced):
+            raise RuntimeError(f"backend returned {len(out.tail_logprobs)} tail logprobs for {len(b.forced)} "
+                               "forced tokens")
         if len(out.logprobs) != len(out.token_ids):
             raise RuntimeError("backend returned token ids and logprobs of different lengths")
         if not out.token_ids or out.finish_reason == "aborted":  # nothing to continue from: never loop on it
-            self._finish(run, "aborted")
+            run.end("aborted")
             return
-        for tok, lp in zip(forced, out.tail_logprobs):
-            self._append(b, tok, lp, True)
+        for lp in out.tail_logprobs:
+            tok = b.forced[0]
+            run.append_forced(b, lp)
+            b.ctx.append(tok)
             if run.done:
                 return
         for tok, lp in zip(out.token_ids, out.logprobs):
-            ev = self._append(b, int(tok), float(lp), False)
-            if run.done or b.done or ev is Event.FORK and b.children:
+            run.append(b, int(tok), float(lp))
+            b.ctx.append(int(tok))
+            if run.done:
                 return  # a stop event is the completion's last token; anything after it is discarded
+            if b.state == FORKING:
+                run.fork(b)
+                return
+            if b.state == FINISHING:
+                run.finish_child(b)  # the last child joins: the parent's next request opens with <takeaway>
+                return
         # otherwise the branch stopped on a structural token that does not end it (a guideline that did not
         # fork, an inner sequential step): it stays active and the next wave continues it
 
-    def _append(self, b: _Branch, tok: int, lp: float, forced: bool) -> Event:
-        """The native engine's rule, token by token: append, then EOS / stop / violation / budget / fork."""
-        run, cur = b.run, b.cursor
-        ev = cur.append(tok, (lp, forced))
-        b.ctx.append(tok)
-        b.path_len += 1
-        run.total += 1
-        if ev is Event.EOS:
-            self._finish(run, "eos")
-            return ev
-        if not forced and tok in self.user_stops:
-            self._finish(run, "stop")
-            return ev
-        if self.stop_on_violation:
-            found = run.graph.num_flags  # cheap: the full check only runs when the parser flagged something
-            if found != run.n_found:
-                run.n_found = found
-                if run.graph.violations_so_far():
-                    self._finish(run, "violation")
-                    return ev
-        if b.path_len >= self.params.max_new_tokens or run.total >= self.total_budget:
-            self._finish(run, "length")
-            return ev
-        if ev is Event.FORK:
-            if self._may_fork(b):
-                self._fork(b)
-            else:
-                cur.decline_fork()
-        elif ev is Event.STEP_DONE and b.is_step and cur.trace is cur.home:
-            self._finish_child(b)
-        return ev
-
-    def _may_fork(self, b: _Branch) -> bool:
-        if self.mode != "parallel" or b.cursor.depth >= self.eng.max_depth:
-            return False
-        remaining = min(self.params.max_new_tokens - b.path_len, self.total_budget - b.run.total)
-        return remaining >= self.eng.min_fork_budget
-
-    def _fork(self, b: _Branch) -> None:
-        run = b.run
-        numbers = b.cursor.step_numbers()
-        cursors = b.cursor.fork()
-        b.children = [_Branch(run, cc, list(b.ctx), parent=b, path_len=b.path_len,
-                              pending=[self.eng.step_open, *self.eng.vocab.step_number_ids(num)])
-                      for num, cc in zip(numbers, cursors)]
-        b.n_done = 0
-        i = run.active.index(b)
-        run.active[i:i + 1] = b.children
-        run.num_forks += 1
-
-    def _finish_child(self, c: _Branch) -> None:
-        c.done = True
-        run, p = c.run, c.parent
-        run.active.remove(c)
-        p.n_done += 1
-        if p.n_done < len(p.children):
-            return
-        # join: the parent's context becomes the serialized graph (what the continuation request re-prefills)
-        p.cursor.join()
-        base = len(p.ctx)
-        for i, ch in enumerate(p.children):
-            own = ch.ctx[base:]
-            p.ctx.extend(own)
-            if i:
-                run.reprefill += len(own)
-        p.path_len = max(ch.path_len for ch in p.children)
-        p.children = []
-        p.pending = [self.eng.takeaway_open]
-        run.active.append(p)
-
-    def _finish(self, run: _Run, reason: str) -> None:
-        if not run.done:
-            run.finish_reason = reason
-            run.t_end = time.perf_counter()
-            run.active = []
-
     def rollout(self, run: _Run) -> Rollout:
-        g = run.graph
-        meta = g.token_meta()[g.prompt_len:]
-        reason = run.finish_reason or "aborted"
-        return Rollout(
-            prompt_ids=list(run.prompt), token_ids=g.response_ids,
-            logprobs=[float(m[0]) for m in meta], forced_mask=[bool(m[1]) for m in meta], graph=g,
-            layout="orchestrated" if self.mode == "parallel" else "sequential", finish_reason=reason,
-            truncated=reason not in ("eos", "stop"), wall_s=(run.t_end or time.perf_counter()) - self.t0,
-            decode_steps=run.decode_steps, num_tokens=len(meta), num_forks=run.num_forks, peak_kv_blocks=0,
-            prompt_index=run.prompt_index, sample_index=run.sample_index)
+        return run.rollout(Rollout, wall_s=(run.t_end or time.perf_counter()) - self.t0,
+                           decode_steps=run.decode_steps, peak_kv_blocks=0, prompt_index=run.prompt_index,
+                           sample_index=run.sample_index)

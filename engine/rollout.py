@@ -52,3 +52,27 @@ class Rollout:
     @property
     def text(self) -> str:
         return self.graph.response_text()
+
+
+def generate_inputs(prompt_ids, params, mode: str, vocab_rows: int | None = None):
+    """What every ``generate`` checks first: the mode, and prompts as non-empty lists of ints (within the
+    model's ``vocab_rows`` when known). Returns ``(params, prompts)``, ``params`` defaulted."""
+    from .sampling import SamplingParams
+
+    params = params or SamplingParams()
+    if mode not in ("parallel", "sequential"):
+        raise ValueError(f"mode must be 'parallel' or 'sequential', got {mode!r}")
+    prompts = [[int(t) for t in p] for p in prompt_ids]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: the first token needs a prompt to be predicted from")
+        if vocab_rows is not None:
+            bad = [t for t in p if not 0 <= t < vocab_rows]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside the model's vocabulary: {bad[:5]}")
+    return params, prompts
+
+
+def stops_on_violation(setting: bool | None, mode: str, constraints) -> bool:
+    """``stop_on_violation`` None means: on in parallel mode with strict constraints."""
+    return mode == "parallel" and constraints.name == "strict" if setting is None else bool(setting)

@@ -15,15 +15,35 @@ or forced chunks: ``Q > 1``, right-padded). Each row's keys are a gather of its 
 (``key_index [B, Lk]``), with an additive float bias for padding and causality. GQA is handled by folding the
 query heads of one KV group into the query-length axis, so K/V are never repeated.
 
+The scheduler reserves the KV slots of the new tokens in each row's block table; :meth:`ModelRunner.prepare_decode`
+(one token per row) and :meth:`ModelRunner.prepare_extend` (several: a prefill chunk, a forced run) turn those
+tables into the tensors of one forward (:class:`StepInput`), which :meth:`ModelRunner.run` executes.
+
 Supported families: Qwen3, Qwen2 and Llama (full attention; sliding windows are refused, not ignored).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+NEG_INF = float("-inf")
+
+
+@dataclass
+class StepInput:
+    """The tensors of one forward (see :meth:`ModelRunner.forward`)."""
+
+    input_ids: torch.Tensor  # [B, Q]
+    positions: torch.Tensor  # [B, Q]
+    write_slots: torch.Tensor  # [B * Q]
+    key_index: torch.Tensor  # [B, Lk]
+    attn_bias: torch.Tensor | None  # [B, 1, Q, Lk] or None
+    out_index: torch.Tensor | None = None  # [B] or [B, K]
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -85,6 +105,73 @@ class ModelRunner:
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits (rows of ``lm_head``)."""
+        return self.head_w.shape[0]
+
+    @property
+    def embed_rows(self) -> int:
+        """Token ids the embedding accepts."""
+        return self.embed.shape[0]
+
+    # -- batches ---------------------------------------------------------------------------------------------
+    def prepare_decode(self, pool, tables, tokens: list[int], positions: list[int]) -> StepInput:
+        """One new token per row; each table already holds its slot (the last one)."""
+        dev = self.device
+        B = len(tables)
+        lens = [t.n for t in tables]
+        L = max(lens)
+        if B == 1:
+            keys = torch.from_numpy(tables[0].slots[:L]).view(1, L)
+        else:
+            idx = np.full((B, L), pool.scratch_slot, dtype=np.int64)
+            for i, t in enumerate(tables):
+                idx[i, :lens[i]] = t.slots[:lens[i]]
+            keys = torch.from_numpy(idx)
+        bias = None
+        if min(lens) != L:  # rows of different lengths: mask each row's padding
+            pad = torch.arange(L, device=dev)[None, :] >= torch.tensor(lens, device=dev)[:, None]
+            bias = torch.zeros((B, 1, 1, L), dtype=self.dtype, device=dev)
+            bias.masked_fill_(pad.view(B, 1, 1, L), NEG_INF)
+        slots = [int(t.slots[t.n - 1]) for t in tables]
+        return StepInput(torch.tensor(tokens, device=dev).view(B, 1), torch.tensor(positions, device=dev).view(B, 1),
+                         torch.tensor(slots, device=dev), keys.to(dev), bias)
+
+    def prepare_extend(self, pool, tables, tokens: list[list[int]], positions: list[list[int]],
+                       every: bool = False) -> StepInput:
+        """Several new tokens per row (causal among themselves, after everything the table held before them);
+        each table already holds their slots (its last ``len(tokens[r])``). Logits at each row's last token, or
+        at every one of its tokens with ``every`` (``[B, Q, V]``, padding repeats the last)."""
+        dev = self.device
+        qlens = [len(t) for t in tokens]
+        R, Q = len(tables), max(qlens)
+        lens = [t.n for t in tables]
+        Lk = max(lens)
+        ids = np.zeros((R, Q), dtype=np.int64)
+        pos = np.zeros((R, Q), dtype=np.int64)
+        slots = np.full((R, Q), pool.scratch_slot, dtype=np.int64)
+        keys = np.full((R, Lk), pool.scratch_slot, dtype=np.int64)
+        for r, (t, q) in enumerate(zip(tables, qlens)):
+            ids[r, :q] = tokens[r]
+            pos[r, :q] = positions[r]
+            slots[r, :q] = t.slots[t.n - q:t.n]
+            keys[r, :t.n] = t.slots[:t.n]
+        kpos = torch.arange(Lk, device=dev)
+        qabs = torch.tensor([n - q for n, q in zip(lens, qlens)], device=dev)[:, None] + torch.arange(Q, device=dev)
+        klen = torch.tensor(lens, device=dev)
+        allowed = (kpos[None, None, :] <= qabs[:, :, None]) & (kpos[None, None, :] < klen[:, None, None])
+        bias = torch.zeros((R, 1, Q, Lk), dtype=self.dtype, device=dev)
+        bias.masked_fill_(~allowed[:, None], NEG_INF)
+        last = torch.tensor([q - 1 for q in qlens], device=dev)
+        out = torch.minimum(torch.arange(Q, device=dev)[None, :], last[:, None]) if every else last
+        return StepInput(torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev),
+                         torch.from_numpy(slots.reshape(-1)).to(dev), torch.from_numpy(keys).to(dev), bias, out)
+
+    def run(self, pool, inp: StepInput) -> torch.Tensor:
+        return self.forward(pool, inp.input_ids, inp.positions, inp.write_slots, inp.key_index, inp.attn_bias,
+                            inp.out_index)
+
     def bind(self) -> None:
         """(Re)read references to the live module's parameters; called at the start of every generate."""
         base = self.model.model
@@ -131,7 +218,8 @@ class ModelRunner:
     def forward(self, pool, input_ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
                 key_index: torch.Tensor, attn_bias: torch.Tensor | None,
                 out_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Run ``B`` rows of ``Q`` new tokens; return logits ``[B, V]`` at query ``out_index[b]`` (default: last).
+        """Run ``B`` rows of ``Q`` new tokens; return logits ``[B, V]`` at query ``out_index[b]`` (default: last),
+        or ``[B, K, V]`` at queries ``out_index[b, :]`` when it is ``[B, K]``.
 
         input_ids, positions: ``[B, Q]``. write_slots: ``[B * Q]`` flat cache slots for the new tokens
         (padding writes to the pool's scratch slot). key_index: ``[B, Lk]`` slots each row attends to, the
@@ -178,6 +266,8 @@ class ModelRunner:
             x = x[:, 0]
         elif out_index is None:
             x = x[:, -1]
+        elif out_index.dim() == 2:
+            x = x[torch.arange(B, device=x.device)[:, None], out_index]
         else:
             x = x[torch.arange(B, device=x.device), out_index]
         x = _rms(x, self.norm_w, self.norm_eps)

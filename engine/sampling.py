@@ -122,3 +122,99 @@ def choose(logits: torch.Tensor, params: SamplingParams, generators: list | None
     for (a, b), g in zip(groups, generators):
         out[a:b] = torch.multinomial(probs[a:b], 1, generator=g).squeeze(1)
     return out
+
+
+class Sampler:
+    """Chooses the next token of rows of logits (penalties, processors, temperature, top-k/p, per-request
+    generators) and owns the repetition-penalty state: one presence row ``[V]`` per branch, on the device.
+
+    A branch's row marks every token it can see: a root's starts from its prompt, a fork copies the parent's
+    row into each child, a join ORs the children's rows into the parent's and frees them. Tokens a branch
+    appends are recorded lazily (:meth:`saw`) and written in one scatter before the next read.
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device, eos_ids=()):
+        self.params = params
+        self.eos_ids = sorted(eos_ids)
+        self.device = device
+        self.presence: torch.Tensor | None = None
+        self._free: list[int] = []
+        self._rows: list[int] = []
+        self._toks: list[int] = []
+        if params.uses_penalty:
+            self.presence = torch.zeros(64, vocab_size, dtype=torch.bool, device=device)
+            self._free = list(range(63, -1, -1))
+
+    # -- presence rows (-1: penalties off) -------------------------------------------------------------------
+    def new_row(self, seen: list[int]) -> int:
+        if self.presence is None:
+            return -1
+        row = self._alloc()
+        self.presence[row] = False
+        self.presence[row, torch.tensor(seen, device=self.device)] = True
+        return row
+
+    def copy_row(self, row: int) -> int:
+        if row < 0:
+            return -1
+        new = self._alloc()
+        self.presence[new] = self.presence[row]
+        return new
+
+    def merge_rows(self, into: int, rows: list[int]) -> None:
+        """OR ``rows`` into ``into`` and free them."""
+        if into < 0:
+            return
+        self._flush()
+        self.presence[into] |= self.presence[torch.tensor(rows, device=self.device)].any(0)
+        self._free.extend(rows)
+
+    def free_row(self, row: int) -> None:
+        if row >= 0:
+            self._free.append(row)
+
+    def saw(self, row: int, tok: int) -> None:
+        if row >= 0:
+            self._rows.append(row)
+            self._toks.append(tok)
+
+    def _alloc(self) -> int:
+        self._flush()
+        if not self._free:
+            n = self.presence.shape[0]
+            self.presence = torch.cat([self.presence, torch.zeros_like(self.presence)])
+            self._free = list(range(2 * n - 1, n - 1, -1))
+        return self._free.pop()
+
+    def _flush(self) -> None:
+        if self._rows:
+            dev = self.device
+            self.presence[torch.tensor(self._rows, device=dev), torch.tensor(self._toks, device=dev)] = True
+            self._rows, self._toks = [], []
+
+    # -- choosing ----------------------------------------------------------------------------------------------
+    def sample(self, logits: torch.Tensor, rows: list[int], penalties: list[float], contexts: list | None,
+               generators: list | None, groups: list[tuple[int, int]] | None, owned: bool = False) -> torch.Tensor:
+        """One token per row of ``logits`` [N, V] (the model's; never modified unless ``owned``): ``rows`` are
+        the presence rows, ``penalties`` the repetition penalty of each, ``contexts`` what each branch sees
+        (for the logits processors), ``generators``/``groups`` as in :func:`choose`."""
+        P = self.params
+        x = logits
+        procs = P.logits_processors
+        if (P.ignore_eos or self.presence is not None or procs) and not owned:
+            x = x.clone()  # the raw logits still give the logprobs
+        if P.ignore_eos and self.eos_ids:
+            x[:, self.eos_ids] = float("-inf")
+        if self.presence is not None and any(p != 1.0 for p in penalties):
+            self._flush()
+            seen = self.presence[torch.tensor(rows, device=x.device)]
+            x = apply_repetition_penalty(x, seen, torch.tensor(penalties, device=x.device))
+        if procs:
+            out = []
+            for j, ctx in enumerate(contexts):
+                row = x[j]
+                for p in procs:
+                    row = p(ctx, row)
+                out.append(row)
+            x = torch.stack(out)
+        return choose(x, P, generators, groups)

@@ -1,21 +1,25 @@
-"""Scheduler: one ``generate`` call. Requests become branches; branches fork, finish and join; every step is
-one batched forward over every active branch of every running request (continuous batching).
+"""Scheduler: one ``generate`` call. It admits requests, preempts them under KV pressure and batches every
+active branch of every running request into one step (continuous batching); the branch life cycle is
+``npr_env.branches`` (the same one the orchestrator and the env use), the tensors are the runner's
+(``prepare_decode`` / ``prepare_extend``) and the choice of tokens is the :class:`~engine.sampling.Sampler`'s.
 
-Branch life cycle (``pending`` is the branch's last appended token, not yet fed through the model):
+What the life cycle means here (``pending`` is the branch's last appended token, not yet fed through the model):
 
-* ``ACTIVE``: the next forward feeds ``pending``; its logits choose the next token (sampled, or forced from
-  the branch's queue) which is appended to the branch's ``npr_env`` cursor. The position of every token is the
-  cursor's ``next_position`` read before the append: positions come from the graph's layout rule only.
-* ``Event.FORK`` (a guideline closed with 1..max_plans plans): if depth, remaining budget and pool headroom
-  allow, the branch becomes ``FORKING``: the next forward caches ``</guideline>`` and its logits give the
-  (forced) ``<step>`` of every child; then ``cursor.fork()`` opens one child per plan, each child's block
-  table shares the parent's blocks, and ``<step>`` + ``"N:"`` are forced into child N. Otherwise
-  ``cursor.decline_fork()``: the steps are decoded one after another in this branch.
-* ``Event.STEP_DONE`` on a child's own step: the child becomes ``FINISHING``: the next forward caches its
-  ``</step>`` (the takeaway must see it), and its logits give the logprob of the forced ``<takeaway>``.
-* When every sibling is done: ``cursor.join()``, the parent's table is extended with the children's blocks
-  (no recompute), and ``<takeaway>`` is forced into the parent at ``next_position`` (after the longest step).
-* ``Event.EOS``, a stop token, the budget, or (optionally) a format violation ends the whole request.
+* ``ACTIVE``: the next forward feeds ``pending``; its logits choose the next token, which is appended to the
+  branch's cursor. The position of every token is the cursor's ``next_position`` read before the append:
+  positions come from the graph's layout rule only.
+* A child's forced run (``"N:"`` after ``<step>``) is fed in the same forward as ``pending``, as one row of
+  several query tokens: the logits at each of them give the forced tokens' logprobs and, at the last, the first
+  free token. (A forced run lies in one trace, so its positions follow ``pending``'s; each is checked against
+  the cursor when its token is appended.)
+* ``FORKING`` (the fork rule agreed): the next forward caches ``</guideline>`` and its logits give the forced
+  ``<step>`` of every child; then each child's block table shares the parent's blocks and ``<step>`` is
+  appended to it.
+* ``FINISHING`` (a child closed its own ``</step>``): the next forward caches the ``</step>`` (the takeaway must
+  see it), and its logits give the logprob of the forced ``<takeaway>``.
+* When every sibling is done: the parent's table is extended with the children's blocks (no recompute), and
+  ``<takeaway>`` is appended to the parent at ``next_position`` (after the longest step).
+* EOS, a stop token the policy chose, the budget, or (optionally) a format violation ends the whole request.
 
 Budget: ``max_new_tokens`` bounds each branch's critical path (the parent's tokens before a fork count for
 every child; after a join the parent continues from the longest child); ``max_total_tokens`` bounds the sum
@@ -37,58 +41,18 @@ from __future__ import annotations
 import time
 from collections import deque
 
-import numpy as np
 import torch
 
-from npr_env.graph import Event, ExecutionGraph
+from npr_env.branches import FINISHING, FORKING, Hooks, Rules, fork_within, never
+from npr_env.graph import ExecutionGraph
 
 from .kv_cache import BlockTable
+from .request import Branch, Request
 from .rollout import Rollout
-from .sampling import SamplingParams, apply_repetition_penalty, choose, policy_logprobs
-
-ACTIVE, FORKING, FINISHING, WAITING, DONE = range(5)
-NEG_INF = float("-inf")
+from .sampling import Sampler, SamplingParams, policy_logprobs
 
 
-class Branch:
-    __slots__ = ("req", "cursor", "table", "parent", "children", "n_done", "pending", "pending_pos", "forced",
-                 "state", "path_len", "ctx", "row", "takeaway_lp")
-
-    def __init__(self, req: Request, cursor, table: BlockTable, parent: Branch | None = None, path_len: int = 0):
-        self.req, self.cursor, self.table, self.parent = req, cursor, table, parent
-        self.children: list[Branch] = []
-        self.n_done = 0
-        self.pending = -1
-        self.pending_pos = -1
-        self.forced: list[int] = []
-        self.state = ACTIVE
-        self.path_len = path_len
-        self.ctx: list[int] | None = None  # visible tokens in serialized order (only with logits processors)
-        self.row = -1  # row of the repetition-penalty presence matrix (-1: penalties off)
-        self.takeaway_lp = 0.0
-
-
-class Request:
-    __slots__ = ("index", "prompt_index", "sample_index", "prompt", "graph", "generator", "active", "branches",
-                 "tables", "done", "finish_reason", "total", "num_forks", "decode_steps", "last_step", "n_found",
-                 "t_end", "blocks_held", "peak_blocks")
-
-    def __init__(self, index: int, prompt_index: int, sample_index: int, prompt: list[int], graph: ExecutionGraph,
-                 generator: torch.Generator | None):
-        self.index, self.prompt_index, self.sample_index = index, prompt_index, sample_index
-        self.prompt, self.graph, self.generator = prompt, graph, generator
-        self.active: list[Branch] = []
-        self.branches: list[Branch] = []
-        self.tables: list[BlockTable] = []
-        self.done = False
-        self.finish_reason = ""
-        self.total = self.num_forks = self.decode_steps = self.n_found = 0
-        self.last_step = -1
-        self.t_end = 0.0
-        self.blocks_held = self.peak_blocks = 0
-
-
-class Scheduler:
+class Scheduler(Hooks):
     """The state of one ``NPREngine.generate`` call; :meth:`run` returns the rollouts in request order."""
 
     def __init__(self, engine, prompts: list[list[int]], params: SamplingParams, mode: str,
@@ -96,11 +60,14 @@ class Scheduler:
         self.engine, self.params, self.mode = engine, params, mode
         self.pool, self.runner = engine.pool, engine.runner
         self.device = self.runner.device
-        self.stop_on_violation = stop_on_violation
-        self.total_budget = params.total_budget
-        self.stop_ids = frozenset(int(t) for t in params.stop_token_ids)
-        self.eos_ids = sorted(engine.vocab.eos_ids)
-        self.step_open, self.takeaway_open = engine.step_open_id, engine.takeaway_open_id
+        self.sampler = Sampler(params, self.runner.vocab_size, self.device, engine.vocab.eos_ids)
+        self.rules = Rules(
+            max_path=params.max_new_tokens, max_total=params.total_budget,
+            stop_ids=frozenset(int(t) for t in params.stop_token_ids), stop_on_violation=stop_on_violation,
+            # The pool is never consulted: a fork under KV pressure is absorbed by preemption, so the pool size
+            # changes speed, never the sample (a declined fork would decode the steps sequentially instead).
+            may_fork=fork_within(engine.max_depth, engine.min_fork_budget) if mode == "parallel" else never,
+            hooks=self)
         self.steps = 0
         self.preemptions = 0  # requests sent back to the queue under KV pressure (recomputed later)
         self.step_log: list[tuple[int, float]] = []  # (rows, seconds) per step; rows 0 = a prefill
@@ -116,14 +83,6 @@ class Scheduler:
                 self.requests.append(req)
                 group.append(req)
             self.waiting.append(group)
-        # repetition penalty: one presence row [V] per branch, on the device
-        self.presence: torch.Tensor | None = None
-        self._free_rows: list[int] = []
-        self._pres_rows: list[int] = []
-        self._pres_toks: list[int] = []
-        if params.uses_penalty:
-            self.presence = torch.zeros(64, self.runner.head_w.shape[0], dtype=torch.bool, device=self.device)
-            self._free_rows = list(range(63, -1, -1))
 
     def _request(self, index: int, prompt_index: int, sample_index: int, prompt: list[int]) -> Request:
         """A fresh request: an empty graph, and a generator seeded from ``params.seed`` and its index."""
@@ -131,7 +90,7 @@ class Scheduler:
         if self.params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(int(self.params.seed) + index)
         graph = ExecutionGraph(self.engine.tokenizer, prompt, constraints=self.engine.constraints, layout=self.layout)
-        return Request(index, prompt_index, sample_index, prompt, graph, gen)
+        return Request(index, prompt_index, sample_index, graph, self.rules, gen)
 
     # -- main loop ---------------------------------------------------------------------------------------
     def run(self) -> list[Rollout]:
@@ -150,9 +109,9 @@ class Scheduler:
                 if rows:
                     cap = self.engine.max_batch_rows
                     for a in range(0, len(rows), cap):
-                        chunk = [b for b in rows[a:a + cap] if not b.req.done]
+                        chunk = [b for b in rows[a:a + cap] if not b.traj.done]
                         if chunk:
-                            self._emit(chunk, self._forward_decode(chunk))
+                            self._step(chunk)
                     self.steps += 1
                     self._reap()
                     self.step_log.append((len(rows), tick() - t0))
@@ -160,7 +119,7 @@ class Scheduler:
                     raise RuntimeError("scheduler stalled: nothing running and nothing admissible")
         except BaseException:
             for r in self.requests:
-                self._finish(r, "aborted")
+                r.end("aborted")
             raise
         self.pool.assert_all_free()
         return [self._rollout(r) for r in self.requests]
@@ -182,10 +141,11 @@ class Scheduler:
         while self.waiting:
             group = self.waiting[0]
             n = len(group)
+            plen = len(group[0].prompt_ids)
             if admitted and (len(admitted) >= eng.max_batch_rows
-                             or prefill_tokens + len(group[0].prompt) > eng.max_prefill_tokens):
+                             or prefill_tokens + plen > eng.max_prefill_tokens):
                 break  # one prefill forward at a time stays bounded
-            prompt_blocks = pool.blocks_for(len(group[0].prompt))
+            prompt_blocks = pool.blocks_for(plen)
             need = prompt_blocks + n * eng.reserve_blocks
             if need > pool.num_blocks:  # the group can never fit at once
                 k = (pool.num_blocks - prompt_blocks) // eng.reserve_blocks if eng.reserve_blocks else 0
@@ -195,7 +155,7 @@ class Scheduler:
                     continue
                 self.waiting.popleft()  # not even one sample fits (generate refuses such prompts first)
                 for r in group:
-                    self._finish(r, "aborted")
+                    r.end("aborted")
                 continue
             busy = n_running > 0
             if busy and n_running + n > eng.max_running_requests:
@@ -205,34 +165,26 @@ class Scheduler:
             self.waiting.popleft()
             admitted.append(group)
             promised += need
-            prefill_tokens += len(group[0].prompt)
+            prefill_tokens += plen
             n_running += n
             active += n
         return admitted
 
     def _prefill(self, groups: list[list[Request]]) -> None:
         """Prefill each prompt once (chunked, causal, batched over groups); its n samples share the blocks."""
-        pool, dev, chunk = self.pool, self.device, self.engine.prefill_chunk
-        prompts = [g[0].prompt for g in groups]
-        positions = [g[0].graph.position_ids()[:len(g[0].prompt)] for g in groups]  # from the layout
-        tables = [BlockTable(pool) for _ in groups]
+        prompts = [g[0].prompt_ids for g in groups]
+        positions = [g[0].graph.position_ids()[:len(p)] for g, p in zip(groups, prompts)]  # from the layout
+        tables = [BlockTable(self.pool) for _ in groups]
         try:
-            last = self._prefill_chunks(prompts, positions, tables, chunk)
+            last = self._prefill_chunks(prompts, positions, tables)
             roots, which = [], []
             for j, group in enumerate(groups):
                 for req in group:
                     table = tables[j].fork()
                     req.tables.append(table)
-                    root = Branch(req, req.graph.cursor(auto_fork=self.mode == "sequential"), table)
-                    req.branches.append(root)
-                    req.active = [root]
+                    root = req.start(auto_fork=self.mode == "sequential")
+                    root.table = table
                     req.blocks_held = req.peak_blocks = len(table.blocks)
-                    if self.params.logits_processors:
-                        root.ctx = list(req.prompt)
-                    if self.presence is not None:
-                        root.row = self._alloc_row()
-                        self.presence[root.row] = False
-                        self.presence[root.row, torch.tensor(req.prompt, device=dev)] = True
                     roots.append(root)
                     which.append(j)
                     self.running.append(req)
@@ -242,113 +194,128 @@ class Scheduler:
                     t.release()
         self._emit(roots, torch.stack([last[j] for j in which]))
 
-    def _prefill_chunks(self, prompts, positions, tables, chunk) -> list[torch.Tensor]:
-        pool, dev = self.pool, self.device
+    def _prefill_chunks(self, prompts, positions, tables) -> list[torch.Tensor]:
+        chunk = self.engine.prefill_chunk
         last: list[torch.Tensor | None] = [None] * len(prompts)
         c = 0
         while True:
             rows = [j for j, p in enumerate(prompts) if len(p) > c]
             if not rows:
                 break
-            qlens = [min(chunk, len(prompts[j]) - c) for j in rows]
-            R, Q = len(rows), max(qlens)
-            Lk = c + Q
-            ids = np.zeros((R, Q), dtype=np.int64)
-            pos = np.zeros((R, Q), dtype=np.int64)
-            slots = np.full((R, Q), pool.scratch_slot, dtype=np.int64)
-            keys = np.full((R, Lk), pool.scratch_slot, dtype=np.int64)
-            for r, (j, q) in enumerate(zip(rows, qlens)):
-                ids[r, :q] = prompts[j][c:c + q]
-                pos[r, :q] = positions[j][c:c + q]
-                t = tables[j]
-                for s in range(q):
-                    slots[r, s] = t.append_slot()
-                keys[r, :c + q] = t.slots[:c + q]
-            kpos = torch.arange(Lk, device=dev)
-            qabs = c + torch.arange(Q, device=dev)
-            klen = torch.tensor([c + q for q in qlens], device=dev)
-            allowed = (kpos[None, None, :] <= qabs[None, :, None]) & (kpos[None, None, :] < klen[:, None, None])
-            bias = torch.zeros((R, 1, Q, Lk), dtype=self.runner.dtype, device=dev)
-            bias.masked_fill_(~allowed[:, None], NEG_INF)
-            logits = self.runner.forward(
-                pool, torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev),
-                torch.from_numpy(slots.reshape(-1)).to(dev), torch.from_numpy(keys).to(dev), bias,
-                torch.tensor([q - 1 for q in qlens], device=dev))
-            for r, (j, q) in enumerate(zip(rows, qlens)):
-                if c + q == len(prompts[j]):
+            ids = [prompts[j][c:c + chunk] for j in rows]
+            for j, q in zip(rows, ids):
+                for _ in q:
+                    tables[j].append_slot()
+            inp = self.runner.prepare_extend(self.pool, [tables[j] for j in rows], ids,
+                                             [positions[j][c:c + len(q)] for j, q in zip(rows, ids)])
+            logits = self.runner.run(self.pool, inp)
+            for r, (j, q) in enumerate(zip(rows, ids)):
+                if c + len(q) == len(prompts[j]):
                     last[j] = logits[r]
             c += chunk
         return last
 
     def _make_room(self) -> list[Branch]:
-        """The rows of the next step, after preempting the newest requests until every row has a slot."""
+        """The rows of the next step, after preempting the newest requests until every row has its slots."""
         while True:
             rows = [b for r in self.running for b in r.active]
-            need = sum(1 for b in rows if b.table.needs_block())
+            need = sum(b.table.blocks_needed(1 + len(b.forced)) for b in rows)
             if need <= self.pool.num_free:
                 return rows
             if len(self.running) > 1:
                 self._preempt(self.running.pop())
             else:  # alone and still too big for the pool: nothing to wait for
-                self._finish(self.running[-1], "aborted")
+                self.running[-1].end("aborted")
                 self._reap()
 
     def _preempt(self, req: Request) -> None:
         """Give back the request's blocks and queue a fresh copy of it, first, to start over from its prompt."""
-        self._finish(req, "")
-        fresh = self._request(req.index, req.prompt_index, req.sample_index, req.prompt)
+        req.end("")
+        fresh = self._request(req.index, req.prompt_index, req.sample_index, req.prompt_ids)
         self.requests[req.index] = fresh
         self.preemptions += 1
         self.waiting.appendleft([fresh])
 
     # -- one step ------------------------------------------------------------------------------------------
-    def _forward_decode(self, rows: list[Branch]) -> torch.Tensor:
-        pool, dev = self.pool, self.device
-        B = len(rows)
-        toks, pos, slots, lens = [], [], [], []
-        for b in rows:
-            t = b.table
-            if t.needs_block():
-                req = b.req
-                req.blocks_held += 1
-                if req.blocks_held > req.peak_blocks:
-                    req.peak_blocks = req.blocks_held
-            slots.append(t.append_slot())
-            toks.append(b.pending)
-            pos.append(b.pending_pos)
-            lens.append(t.n)
-        L = max(lens)
-        if B == 1:
-            keys = torch.from_numpy(rows[0].table.slots[:L]).view(1, L)
-        else:
-            idx = np.full((B, L), pool.scratch_slot, dtype=np.int64)
-            for i, b in enumerate(rows):
-                idx[i, :lens[i]] = b.table.slots[:lens[i]]
-            keys = torch.from_numpy(idx)
-        bias = None
-        if min(lens) != L:
-            pad = torch.arange(L, device=dev)[None, :] >= torch.tensor(lens, device=dev)[:, None]
-            bias = torch.zeros((B, 1, 1, L), dtype=self.runner.dtype, device=dev)
-            bias.masked_fill_(pad.view(B, 1, 1, L), NEG_INF)
-        return self.runner.forward(
-            pool, torch.tensor(toks, device=dev).view(B, 1), torch.tensor(pos, device=dev).view(B, 1),
-            torch.tensor(slots, device=dev), keys.to(dev), bias)
+    def _reserve(self, b: Branch, n: int) -> None:
+        """KV slots for ``n`` new tokens of ``b``, counted against its request's blocks."""
+        t, req = b.table, b.traj
+        before = len(t.blocks)
+        for _ in range(n):
+            t.append_slot()
+        req.blocks_held += len(t.blocks) - before
+        if req.blocks_held > req.peak_blocks:
+            req.peak_blocks = req.blocks_held
 
-    def _emit(self, rows: list[Branch], logits: torch.Tensor) -> None:
-        """Choose (or force) each row's next token, record its policy logprob, and apply it to the branch."""
+    def _step(self, rows: list[Branch]) -> None:
+        """One forward for the rows that feed one token, one for those that feed a forced run; then emit."""
+        runner, pool = self.runner, self.pool
+        single = [i for i, b in enumerate(rows) if not b.forced]
+        runs = [i for i, b in enumerate(rows) if b.forced]
+        for b in rows:
+            self._reserve(b, 1 + len(b.forced))
+        parts, forced_lps = [], {}
+        if single:
+            bs = [rows[i] for i in single]
+            parts.append(runner.run(pool, runner.prepare_decode(pool, [b.table for b in bs], [b.pending for b in bs],
+                                                                [b.pending_pos for b in bs])))
+        if runs:
+            nxt, per_row = self._forward_runs([rows[i] for i in runs])
+            forced_lps = dict(zip(runs, per_row))
+            parts.append(nxt)
+        if len(parts) == 1:
+            nxt = parts[0]
+        else:  # back to row order
+            order = torch.tensor(single + runs, device=parts[0].device)
+            nxt = torch.empty((len(rows), parts[0].shape[1]), dtype=parts[0].dtype, device=parts[0].device)
+            nxt[order] = torch.cat(parts)
+        self._emit(rows, nxt, forced_lps)
+
+    def _forward_runs(self, bs: list[Branch]) -> tuple[torch.Tensor, list[tuple[list[float], list[int]]]]:
+        """One forward of rows ``[pending, *forced]``: the logits after each row's last token, and per row the
+        logprobs of its forced tokens with the positions they were fed at."""
+        runner, pool = self.runner, self.pool
+        toks = [[b.pending, *b.forced] for b in bs]
+        # positions after pending's: the cursor's next, then consecutive (a forced run stays in one trace)
+        pos = [[b.pending_pos] + [b.cursor.next_position + k for k in range(len(b.forced))] for b in bs]
+        logits = runner.run(pool, runner.prepare_extend(pool, [b.table for b in bs], toks, pos, every=True))
+        dev = logits.device
+        qs = [len(t) for t in toks]
+        r_idx = torch.tensor([r for r, q in enumerate(qs) for _ in range(q - 1)], device=dev)
+        k_idx = torch.tensor([k for q in qs for k in range(q - 1)], device=dev)
+        want = torch.tensor([t for b in bs for t in b.forced], device=dev)
+        lps = policy_logprobs(logits[r_idx, k_idx], want, self.params.temperature).tolist()
+        per_row, a = [], 0
+        for q, p in zip(qs, pos):
+            per_row.append((lps[a:a + q - 1], p[1:]))
+            a += q - 1
+        return logits[torch.arange(len(bs), device=dev), torch.tensor(qs, device=dev) - 1], per_row
+
+    def _emit(self, rows: list[Branch], logits: torch.Tensor, forced_lps: dict | None = None) -> None:
+        """Append each row's forced run, choose (or force) its next token with its policy logprob, and apply it."""
+        step = self.steps
+        for b in rows:
+            req = b.traj
+            if not req.done and req.last_step != step:
+                req.last_step = step
+                req.decode_steps += 1
+        if forced_lps:  # forced runs first, token k of every run before token k + 1 of any (as one per step did)
+            longest = max(len(v[0]) for v in forced_lps.values())
+            for k in range(longest):
+                for i, (lps, pos) in forced_lps.items():
+                    b = rows[i]
+                    if k < len(lps) and not b.traj.done:
+                        if b.cursor.next_position != pos[k]:
+                            raise RuntimeError("a forced run left its trace: its positions were guessed wrong")
+                        self._append(b, b.forced.pop(0), lps[k], True)
         B = len(rows)
+        sample = [i for i, b in enumerate(rows) if b.state not in (FORKING, FINISHING) and not b.traj.done]
         chosen = [0] * B
-        sample = []
         for i, b in enumerate(rows):
-            st = b.state
-            if st == FORKING:
-                chosen[i] = self.step_open
-            elif st == FINISHING:
-                chosen[i] = self.takeaway_open
-            elif b.forced:
-                chosen[i] = b.forced[0]
-            else:
-                sample.append(i)
+            if b.state == FORKING:
+                chosen[i] = b.traj.step_open
+            elif b.state == FINISHING:
+                chosen[i] = b.traj.takeaway_open
         if len(sample) == B:
             chosen_t = self._sample(rows, sample, logits)
         else:
@@ -357,202 +324,84 @@ class Scheduler:
                 chosen_t[torch.tensor(sample, device=logits.device)] = self._sample(rows, sample, logits)
         lps = policy_logprobs(logits, chosen_t, self.params.temperature).tolist()
         toks = chosen_t.tolist()
-        step = self.steps
         for i, b in enumerate(rows):
-            req = b.req
+            req = b.traj
             if req.done:
                 continue
-            if req.last_step != step:
-                req.last_step = step
-                req.decode_steps += 1
-            st = b.state
-            if st == FINISHING:
-                self._finish_child(b, lps[i])
-            elif st == FORKING:
-                self._fork(b, lps[i])
-            elif b.forced:
-                b.forced.pop(0)
-                self._append(b, toks[i], lps[i], True)
+            if b.state == FINISHING:
+                b.takeaway_lp = lps[i]
+                parent = req.finish_child(b)
+                if parent is not None:
+                    self._append(parent, parent.forced.pop(0), parent.takeaway_lp, True)
+            elif b.state == FORKING:
+                for c in req.fork(b):
+                    if req.done:
+                        break
+                    self._append(c, c.forced.pop(0), lps[i], True)
             else:
                 self._append(b, toks[i], lps[i], False)
-        self._flush_presence()
 
     def _sample(self, rows: list[Branch], idx: list[int], logits: torch.Tensor) -> torch.Tensor:
         P = self.params
         x = logits if len(idx) == len(rows) else logits[torch.tensor(idx, device=logits.device)]
-        procs = P.logits_processors
-        modify = P.ignore_eos or self.presence is not None or procs
-        if modify and x is logits:
-            x = x.clone()  # the raw logits still give the logprobs
-        if P.ignore_eos and self.eos_ids:
-            x[:, self.eos_ids] = NEG_INF
-        if self.presence is not None:
-            self._flush_presence()
-            pen = []
-            for i in idx:
-                in_step = rows[i].cursor.in_open_step
-                pen.append(P.step_repetition_penalty if in_step else P.repetition_penalty)
-            if any(p != 1.0 for p in pen):
-                seen = self.presence[torch.tensor([rows[i].row for i in idx], device=x.device)]
-                x = apply_repetition_penalty(x, seen, torch.tensor(pen, device=x.device))
-        if procs:
-            out = []
-            for j, i in enumerate(idx):
-                row = x[j]
-                ctx = rows[i].ctx
-                for p in procs:
-                    row = p(ctx, row)
-                out.append(row)
-            x = torch.stack(out)
+        bs = [rows[i] for i in idx]
+        pen = [P.step_repetition_penalty if b.cursor.in_open_step else P.repetition_penalty for b in bs]
         gens = groups = None
         if P.seed is not None and not P.greedy:
             gens, groups, start = [], [], 0
-            for j in range(1, len(idx) + 1):
-                if j == len(idx) or rows[idx[j]].req is not rows[idx[start]].req:
-                    gens.append(rows[idx[start]].req.generator)
+            for j in range(1, len(bs) + 1):
+                if j == len(bs) or bs[j].traj is not bs[start].traj:
+                    gens.append(bs[start].traj.generator)
                     groups.append((start, j))
                     start = j
-        return choose(x, P, gens, groups)
+        return self.sampler.sample(x, [b.row for b in bs], pen, [b.ctx for b in bs] if P.logits_processors else None,
+                                   gens, groups, owned=x is not logits)
 
-    # -- branch transitions ----------------------------------------------------------------------------
     def _append(self, b: Branch, tok: int, lp: float, forced: bool) -> None:
-        req = b.req
-        cur = b.cursor
-        pos = cur.next_position
-        ev = cur.append(tok, (lp, forced))
+        pos = b.cursor.next_position
         b.pending, b.pending_pos = tok, pos
-        b.path_len += 1
-        req.total += 1
         if b.ctx is not None:
             b.ctx.append(tok)
-        if b.row >= 0:
-            self._pres_rows.append(b.row)
-            self._pres_toks.append(tok)
-        if ev is Event.EOS:
-            return self._finish(req, "eos")
-        if tok in self.stop_ids:
-            return self._finish(req, "stop")
-        if self.stop_on_violation:
-            found = req.graph.num_flags  # cheap: the expensive check only runs when the parser flagged something
-            if found != req.n_found:
-                req.n_found = found
-                if req.graph.violations_so_far():
-                    return self._finish(req, "violation")
-        if b.path_len >= self.params.max_new_tokens or req.total >= self.total_budget:
-            return self._finish(req, "length")
-        if ev is Event.FORK:
-            if self._may_fork(b):
-                b.state = FORKING
-            else:
-                cur.decline_fork()
-        elif ev is Event.STEP_DONE and b.parent is not None and cur.trace is cur.home:
-            b.state = FINISHING
+        self.sampler.saw(b.row, tok)
+        b.traj.append(b, tok, lp, forced)  # may end the request (its rows are freed then)
 
-    def _may_fork(self, b: Branch) -> bool:
-        eng, req = self.engine, b.req
-        if self.mode != "parallel" or b.cursor.depth >= eng.max_depth:
-            return False
-        remaining = min(self.params.max_new_tokens - b.path_len, self.total_budget - req.total)
-        # The pool is never consulted: a fork under KV pressure is absorbed by preemption, so the pool size
-        # changes speed, never the sample (a declined fork would decode the steps sequentially instead).
-        return remaining >= eng.min_fork_budget
+    # -- what the life cycle means for KV tables, contexts and presence rows --------------------------------
+    def new_branch(self, req: Request, cursor, parent: Branch | None) -> Branch:
+        b = Branch(req, cursor, parent)
+        if parent is None:  # the root: the prefill gives it the prompt's table
+            if self.params.logits_processors:
+                b.ctx = list(req.prompt_ids)
+            b.row = self.sampler.new_row(req.prompt_ids)
+        else:  # a child shares its parent's blocks and copies what the parent sees
+            b.table = parent.table.fork()
+            req.tables.append(b.table)
+            if parent.ctx is not None:
+                b.ctx = list(parent.ctx)
+            b.row = self.sampler.copy_row(parent.row)
+        return b
 
-    def _fork(self, b: Branch, lp: float) -> None:
-        self._flush_presence()
-        req, cur = b.req, b.cursor
-        numbers = cur.step_numbers()
-        cursors = cur.fork()
-        b.state = WAITING
-        children = []
-        for num, cc in zip(numbers, cursors):
-            c = Branch(req, cc, b.table.fork(), parent=b, path_len=b.path_len)
-            req.tables.append(c.table)
-            req.branches.append(c)
-            if b.ctx is not None:
-                c.ctx = list(b.ctx)
-            if self.presence is not None:
-                c.row = self._alloc_row()
-                self.presence[c.row] = self.presence[b.row]
-            c.forced = list(self.engine.vocab.step_number_ids(num))
-            children.append(c)
-        b.children, b.n_done = children, 0
-        i = req.active.index(b)
-        req.active[i:i + 1] = children
-        req.num_forks += 1
-        for c in children:
-            if req.done:
-                break
-            self._append(c, self.step_open, lp, True)
-
-    def _finish_child(self, b: Branch, lp: float) -> None:
-        b.takeaway_lp = lp
-        b.state = DONE
-        b.req.active.remove(b)
-        p = b.parent
-        p.n_done += 1
-        if p.n_done == len(p.children):
-            self._join(p)
-
-    def _join(self, p: Branch) -> None:
-        self._flush_presence()
-        req, children = p.req, p.children
-        p.cursor.join()
+    def joined(self, p: Branch, children: list[Branch]) -> None:
         p.table.join([c.table for c in children])
         if p.ctx is not None:
             base = len(p.ctx)
             for c in children:
                 p.ctx.extend(c.ctx[base:])
-        if self.presence is not None:
-            rows = torch.tensor([c.row for c in children], device=self.device)
-            self.presence[p.row] |= self.presence[rows].any(0)
-            for c in children:
-                self._free_rows.append(c.row)
-                c.row = -1
-        p.path_len = max(c.path_len for c in children)
-        p.children = []
-        p.state = ACTIVE
-        req.active.append(p)
-        self._append(p, self.takeaway_open, children[-1].takeaway_lp, True)
+        self.sampler.merge_rows(p.row, [c.row for c in children])
+        for c in children:
+            c.row = -1
+        p.takeaway_lp = children[-1].takeaway_lp  # the takeaway is predicted from the last step's </step>
 
-    def _finish(self, req: Request, reason: str) -> None:
-        if req.done:
-            return
-        req.done = True
-        req.finish_reason = reason
+    def ended(self, req: Request) -> None:
         req.t_end = time.perf_counter()
         for t in req.tables:
             if not t.released:
                 t.release()
         for b in req.branches:
-            if b.row >= 0:
-                self._free_rows.append(b.row)
-                b.row = -1
-        req.active = []
-
-    # -- presence rows (repetition penalty) --------------------------------------------------------------
-    def _alloc_row(self) -> int:
-        self._flush_presence()
-        if not self._free_rows:
-            n = self.presence.shape[0]
-            self.presence = torch.cat([self.presence, torch.zeros_like(self.presence)])
-            self._free_rows = list(range(2 * n - 1, n - 1, -1))
-        return self._free_rows.pop()
-
-    def _flush_presence(self) -> None:
-        if self._pres_rows:
-            dev = self.device
-            self.presence[torch.tensor(self._pres_rows, device=dev), torch.tensor(self._pres_toks, device=dev)] = True
-            self._pres_rows, self._pres_toks = [], []
+            self.sampler.free_row(b.row)
+            b.row = -1
 
     # -- results -----------------------------------------------------------------------------------------
     def _rollout(self, req: Request) -> Rollout:
-        g = req.graph
-        meta = g.token_meta()[g.prompt_len:]
-        reason = req.finish_reason or "aborted"
-        return Rollout(
-            prompt_ids=list(req.prompt), token_ids=g.response_ids,
-            logprobs=[float(m[0]) for m in meta], forced_mask=[bool(m[1]) for m in meta],
-            graph=g, layout=g.layout_kind, finish_reason=reason, truncated=reason not in ("eos", "stop"),
-            wall_s=(req.t_end or time.perf_counter()) - self.t0, decode_steps=req.decode_steps,
-            num_tokens=len(meta), num_forks=req.num_forks, peak_kv_blocks=req.peak_blocks,
-            prompt_index=req.prompt_index, sample_index=req.sample_index)
+        return req.rollout(Rollout, wall_s=(req.t_end or time.perf_counter()) - self.t0,
+                           decode_steps=req.decode_steps, peak_kv_blocks=req.peak_blocks,
+                           prompt_index=req.prompt_index, sample_index=req.sample_index)

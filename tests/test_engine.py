@@ -134,6 +134,8 @@ def test_parallel_needs_fewer_steps_and_less_kv_than_copying(qwen3):
     assert par.decode_steps < seq.decode_steps
     crit = par.graph.stats.critical_path_tokens
     assert par.decode_steps <= crit + 2 * par.num_forks + 2  # one extra step per fork and per join
+    # each child's forced "N:" is fed with its <step> in one forward: no step of its own
+    assert par.decode_steps == crit - 1 - 2 * par.num_forks
     # shared prefix held once: blocks of 4 tokens, at most one partial block per branch
     total = len(PROMPT) + len(par.token_ids)
     branches = 1 + sum(par.graph.stats.branches_per_block)

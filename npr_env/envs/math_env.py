@@ -8,13 +8,36 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from ..branches import ACTIVE, FINISHING, FORKING, Branch, Hooks, Rules, Trajectory
 from ..constraints import ConstraintSet
-from ..graph import Cursor, Event, ExecutionGraph, Trace
+from ..graph import ExecutionGraph, Trace
 from ..prompts import PromptConfig, prompt_ids
-from ..schema import MAX_DEPTH, STEP_OPEN, TAKEAWAY_OPEN
+from ..schema import MAX_DEPTH
 from .common import ProblemSource, constraints_for, question_and_answer, render_env, score
 
-FREE, ACTIVE, WAITING = 0, 1, 2  # slot states; a WAITING slot holds a branch whose children are running
+
+class _SlotBranch(Branch):
+    __slots__ = ("slot",)
+
+
+class _Slots(Hooks):
+    """Branch slots: a branch keeps its slot while it lives (a parent too, until the join); a fork gives its
+    children the lowest free slots, in plan order."""
+
+    def __init__(self, n: int):
+        self.branch: list[_SlotBranch | None] = [None] * n
+
+    def free(self) -> list[int]:
+        return [s for s, b in enumerate(self.branch) if b is None]
+
+    def new_branch(self, traj, cursor, parent) -> _SlotBranch:
+        b = _SlotBranch(traj, cursor, parent)
+        b.slot = self.free()[0]
+        self.branch[b.slot] = b
+        return b
+
+    def child_done(self, child: _SlotBranch) -> None:
+        self.branch[child.slot] = None
 
 
 class NPRMathEnv(gym.Env):
@@ -146,8 +169,6 @@ class NPRMathEnv(gym.Env):
         self.source = ProblemSource(tasks, task_kwargs)
         self.vocab_size = int(vocab_size if vocab_size is not None else len(tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._step_id = tokenizer.convert_tokens_to_ids(STEP_OPEN)
-        self._takeaway_id = tokenizer.convert_tokens_to_ids(TAKEAWAY_OPEN)
 
         L, D, S = self.max_len, self.max_depth, self.num_slots
         self.action_space = spaces.MultiDiscrete([self.vocab_size] * S)
@@ -177,11 +198,12 @@ class NPRMathEnv(gym.Env):
             raise ValueError(f"the prompt of problem {name!r} has {len(ids)} tokens, "
                              f"which does not fit max_len={self.max_len}")
         self.graph = ExecutionGraph(self.tokenizer, ids, constraints=self.constraints, layout="parallel")
-        self._cursors: list[Cursor | None] = [None] * self.num_slots
-        self._state = [FREE] * self.num_slots
-        self._parent = [-1] * self.num_slots
-        self._pending = [0] * self.num_slots  # children still running, for a WAITING slot
-        self._cursors[0], self._state[0] = self.graph.cursor(auto_fork=False), ACTIVE
+        self._slots = _Slots(self.num_slots)
+        # the buffer is the budget: the episode is truncated once prompt + response fill max_len
+        rules = Rules(max_path=self.max_len, max_total=self.max_len - len(ids), stop_on_violation=self.early_stop,
+                      may_fork=self._may_fork, hooks=self._slots)
+        self._traj = Trajectory(self.graph, rules)
+        self._traj.start()
         self._forced = self._sampled = self._steps = self._forks = self._declined = 0
         self._done = False
         return self._obs(), self._info()
@@ -192,37 +214,32 @@ class NPRMathEnv(gym.Env):
         action = np.asarray(action).reshape(-1)
         if action.shape != (self.num_slots,):
             raise ValueError(f"expected {self.num_slots} token ids (one per slot), got shape {action.shape}")
-        live = [s for s in range(self.num_slots) if self._state[s] == ACTIVE]  # snapshot: new slots wait
+        slots, traj = self._slots.branch, self._traj
+        live = [s for s in range(self.num_slots) if self._active(s)]  # snapshot: new slots wait
         bad = [int(action[s]) for s in live if not 0 <= int(action[s]) < self.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad} are outside the action space [0, {self.vocab_size})")
         self._steps += 1
-        ended = full = False
         for s in live:
-            if self._state[s] != ACTIVE:
+            if not self._active(s):
                 continue
-            ev = self._append(s, int(action[s]), forced=False)
-            if ev is None:  # the buffer is full
-                full = True
+            b = slots[s]
+            traj.append(b, int(action[s]))
+            self._sampled += 1
+            if b.state == FORKING:
+                self._forks += 1
+                for c in traj.fork(b):
+                    self._force(c)
+            elif b.state == FINISHING:  # this branch closed its own </step>; the last one joins the parent
+                parent = traj.finish_child(b)
+                if parent is not None:
+                    self._force(parent)
+            if traj.done:
                 break
-            if ev is Event.EOS:  # in the root: done; inside a step: done and invalid (the step never closed)
-                ended = True
-                break
-            ok = True
-            if ev is Event.FORK:
-                ok = self._fork(s)
-            elif ev is Event.STEP_DONE:
-                cur = self._cursors[s]
-                if cur.trace is cur.home and cur.home.is_step:  # this branch closed its own </step>
-                    ok = self._finish(s)
-            if not ok:
-                full = True
-                break
-            if self.early_stop and self._broken():
-                ended = True
-                break
-        if not (ended or full) and len(self.graph) >= self.max_len:
-            full = True
+        # EOS (in the root: done; inside a step: done and invalid, the step never closed) or a certain
+        # violation terminate; a full buffer truncates
+        ended = traj.done and traj.finish_reason != "length"
+        full = traj.done and not ended
         truncated = not ended and (full or (self.max_steps is not None and self._steps >= self.max_steps))
         reward, info = 0.0, self._info()
         if ended or truncated:
@@ -232,55 +249,28 @@ class NPRMathEnv(gym.Env):
         return self._obs(), reward, ended, truncated, info
 
     # -- branch bookkeeping -------------------------------------------------------------------------------
-    def _append(self, slot: int, tid: int, forced: bool) -> Event | None:
-        """Append one token to a slot's branch; None when the buffer is full (nothing appended)."""
-        if len(self.graph) >= self.max_len:
-            return None
-        if forced:
+    def _active(self, slot: int) -> bool:
+        b = self._slots.branch[slot]
+        return b is not None and b.state == ACTIVE
+
+    def _force(self, b: Branch) -> None:
+        """Append the tokens the life cycle queued for ``b`` (a child's ``<step>N:``, a parent's ``<takeaway>``)."""
+        while b.forced and not self._traj.done:
+            self._traj.append_forced(b)
             self._forced += 1
-        else:
-            self._sampled += 1
-        return self._cursors[slot].append(tid, meta=1 if forced else 0)
 
-    def _broken(self) -> bool:
-        # Violations located in the prefix; user checks (index -1) judge the whole sequence: they wait.
-        return any(v.index >= 0 for v in self.graph.violations_so_far())
-
-    def _fork(self, slot: int) -> bool:
-        """Fork the slot's branch into one slot per plan, or decline. False if the buffer filled up."""
-        cur = self._cursors[slot]
+    def _may_fork(self, b: Branch) -> bool:
+        """Fork only with a free slot per plan, within max_depth, and room for every forced prefix plus one
+        token each; else the steps follow each other in this branch."""
+        cur = b.cursor
         numbers = cur.step_numbers()
-        enc = self.tokenizer.encode
-        prefixes = [[self._step_id, *enc(f"{n}:", add_special_tokens=False)] for n in numbers]
-        free = [s for s in range(self.num_slots) if self._state[s] == FREE]
+        need = sum(len(self.graph.vocab.step_number_ids(n)) + 2 for n in numbers) + 1  # <step>, N:, one more
         block = cur.pending_block()
-        room = self.max_len - len(self.graph)
-        if (len(free) < len(numbers) or block is None or block.depth > self.max_depth
-                or room < sum(len(p) + 1 for p in prefixes) + 1):
-            cur.decline_fork()  # the steps follow each other in this branch
+        if (len(self._slots.free()) < len(numbers) or block is None or block.depth > self.max_depth
+                or self.max_len - len(self.graph) < need):
             self._declined += 1
-            return True
-        self._forks += 1
-        children = cur.fork()
-        self._state[slot], self._pending[slot] = WAITING, len(children)
-        for s, child, prefix in zip(free, children, prefixes):
-            self._cursors[s], self._state[s], self._parent[s] = child, ACTIVE, slot
-            for tid in prefix:
-                if self._append(s, tid, forced=True) is None:
-                    return False
+            return False
         return True
-
-    def _finish(self, slot: int) -> bool:
-        """A child closed its step: free its slot; the last one joins the parent and forces <takeaway>."""
-        parent = self._parent[slot]
-        self._cursors[slot], self._state[slot], self._parent[slot] = None, FREE, -1
-        self._pending[parent] -= 1
-        if self._pending[parent] > 0:
-            return True
-        pc = self._cursors[parent]
-        pc.join()
-        self._state[parent] = ACTIVE
-        return self._append(parent, self._takeaway_id, forced=True) is not None
 
     # -- views --------------------------------------------------------------------------------------------
     def _obs(self) -> dict[str, np.ndarray]:
@@ -296,13 +286,13 @@ class NPRMathEnv(gym.Env):
         d = min(D, lay.hide_lo.shape[1])  # fork depth <= max_depth, so nothing is cut here
         lo[:n, :d], hi[:n, :d] = lay.hide_lo[:n, :d], lay.hide_hi[:n, :d]
         forced = np.zeros(L, dtype=np.int8)
-        forced[:n] = [m == 1 for m in g.token_meta()[:n]]
+        forced[:n] = [m is not None and m[1] for m in g.token_meta()[:n]]
         frontier = np.full(S, -1, dtype=np.int64)
         active = np.zeros(S, dtype=np.int8)
         if not self._done:
             for s in range(S):
-                cur = self._cursors[s]
-                if self._state[s] == ACTIVE and cur.trace.ids:
+                cur = self._slots.branch[s].cursor if self._active(s) else None
+                if cur is not None and cur.trace.ids:
                     frontier[s] = g.serial_index(cur.trace, len(cur.trace.ids) - 1)
                     active[s] = 1
         return {"tokens": tokens, "positions": positions, "hide_lo": lo, "hide_hi": hi, "forced": forced,
@@ -311,7 +301,8 @@ class NPRMathEnv(gym.Env):
     def _info(self) -> dict:
         paths, lengths = [], np.zeros(self.num_slots, dtype=np.int64)
         for s in range(self.num_slots):
-            cur = self._cursors[s]
+            b = self._slots.branch[s]
+            cur = b.cursor if b is not None else None
             paths.append(branch_path(cur.trace) if cur is not None else None)
             lengths[s] = len(cur.trace.ids) if cur is not None else 0
         return {"problem_id": self.problem_id, "stats": self.graph.stats.as_dict(),
