@@ -23,12 +23,11 @@ from npr_agent.evaluate import (
     main,
     parse_k,
     prompt_config,
-    resolve_device,
     run_benchmark,
 )
 
 __all__ = ["build_parser", "hardware", "is_char_tokenizer", "load_model", "main", "parse_k", "prompt_config",
-           "resolve_device", "run_benchmark"]
+           "run_benchmark"]
 
 if __name__ == "__main__":
     sys.exit(main())

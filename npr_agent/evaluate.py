@@ -51,6 +51,7 @@ from npr_env.rewards import format_score
 from npr_env.tasks import Problem
 from npr_env.verify import extract_answer
 
+from . import checkpoint as ckpt
 from .eval_metrics import SampleRecord, overall, speedup, summarize
 from .eval_report import plot_accuracy, plot_speedup, write_json, write_markdown, write_samples
 
@@ -58,12 +59,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # -- model and prompts --------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_model(spec: str, device: torch.device, dtype: str = "auto"):
     """``(model, tokenizer)`` from a checkpoint directory (or an HF model id, online), with the NPR tags.
 
@@ -73,8 +68,6 @@ def load_model(spec: str, device: torch.device, dtype: str = "auto"):
     from transformers import AutoTokenizer
 
     import npr_env
-
-    from . import checkpoint as ckpt
 
     dt = (torch.bfloat16 if device.type == "cuda" else torch.float32) if dtype == "auto" else DTYPES[dtype]
     if Path(spec).is_dir():
@@ -280,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {n}: no problems loaded from {origin[n]}", file=sys.stderr)
             return 2
 
-    device = resolve_device(args.device)
+    device = ckpt.resolve_device(args.device)
     try:
         model, tok = load_model(args.model, device, args.dtype)
     except (OSError, ValueError) as e:  # FileNotFoundError included; HF raises OSError for unknown ids

@@ -313,9 +313,6 @@ class NPRTrainer:
         return ckpt.load_pretrained(path, ckpt.DTYPES[self.cfg.model.dtype],
                                     gradient_checkpointing=self.cfg.model.gradient_checkpointing).to(self.device)
 
-    def seed_stage(self) -> str:
-        return "stage0" if "stage0" in self.cfg.stages or self.cfg.model.path is None else "base"
-
     def fresh_model(self):
         return ckpt.build_model(self.cfg.model, self.tokenizer, self.device, seed=self.cfg.seed,
                                 gradient_checkpointing=self.cfg.model.gradient_checkpointing)
