@@ -228,7 +228,7 @@ class ConfigError(ValueError):
 _NONE = (None, "none", "None", "")  # how a file or --set unsets an optional field
 
 
-def _fail(where: str, want: str, value: Any):
+def _fail(where: str, want: str, value: Any) -> typing.NoReturn:
     raise ConfigError(f"{where}: expected {want}, got {value!r}")
 
 
