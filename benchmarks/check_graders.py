@@ -28,11 +28,10 @@ import json
 import sys
 from pathlib import Path
 
+from npr_env import suites
 from npr_env.schema import last_boxed
 from npr_env.tasks import Problem, iter_rows
 from npr_env.verify import verify_many
-
-from . import registry
 
 
 def reference_prediction(problem: Problem, raw_row: dict | None) -> tuple[str | None, str]:
@@ -51,8 +50,8 @@ def reference_prediction(problem: Problem, raw_row: dict | None) -> tuple[str | 
 
 def check(name: str, path: Path, timeout: float = 10.0, fast: bool = True) -> dict:
     """Rate of reference solutions the verifier accepts for one benchmark file."""
-    bench = registry.get(name)
-    problems = registry.load(name, source=path)
+    bench = suites.get(name)
+    problems = suites.load(name, source=path)
     raw_rows = [row for _, row in iter_rows(path, what="problems")] if bench.kind == "math" else [None] * len(problems)
     preds, golds, kept, kinds = [], [], [], {}
     skipped = 0
@@ -87,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-rate", type=float, default=None, help="exit 1 if a checked benchmark is below this")
     ap.add_argument("--show", type=int, default=10, help="failures printed per benchmark")
     args = ap.parse_args(argv)
-    data_dir = Path(args.data_dir) if args.data_dir else registry.default_data_dir()
+    data_dir = Path(args.data_dir) if args.data_dir else suites.default_data_dir()
     if data_dir is None or not data_dir.is_dir():
         print(f"error: no benchmark folder ({args.data_dir or 'pass --data-dir'})", file=sys.stderr)
         return 2
     out: dict[str, dict] = {}
-    for name in registry.parse_names(args.benchmarks):
-        path = registry.get(name).find_file(data_dir)
+    for name in suites.parse_names(args.benchmarks):
+        path = suites.get(name).find_file(data_dir)
         if path is None:
             continue
         res = check(name, path, args.timeout, fast=not args.math_verify_only)

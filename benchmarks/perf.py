@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from datetime import datetime, timezone
 
-    from .eval import hardware
+    from npr_agent.evaluate import hardware
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -109,7 +109,7 @@ def cmd_rollout(args) -> int:
 
 
 def cmd_eval(args, rest: list[str]) -> int:
-    from benchmarks.eval import main as eval_main
+    from .evaluate import main as eval_main
 
     return eval_main(rest)
 

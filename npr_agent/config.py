@@ -12,10 +12,18 @@ Unknown keys and ill-typed values are errors that name the file and the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+EngineBackend = Literal["native", "sglang"]
+EngineMode = Literal["parallel", "sequential"]
+LRSchedule = Literal["constant", "cosine"]
 
 
 @dataclass
@@ -28,7 +36,7 @@ class ModelConfig:
     head_dim: int = 32
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     # None: the model path's tokenizer, or the shipped char tokenizer; "npr:qwen3": Qwen3's real vocabulary built
     # offline (npr_env.qwen_vocab, the `qwen` extra); otherwise a tokenizer directory
     tokenizer: str | None = None
@@ -48,7 +56,7 @@ class TaskConfig:
 
 @dataclass
 class EngineConfig:
-    backend: str = "native"  # native (fork/join engine, CPU or GPU) | sglang (orchestrated, GPU; docs/scaling.md)
+    backend: EngineBackend = "native"  # native (fork/join engine, CPU or GPU) | sglang (orchestrated, GPU; docs/scaling.md)
     sglang_mem_fraction: float = 0.45  # share of GPU memory SGLang may hold (weights + KV) beside the learner
     block_size: int = 16
     # native KV pool: a block count, or None to size it from memory (kv_mem_fraction of the device memory free
@@ -97,7 +105,7 @@ class RLConfig:
     prompts_per_step: int = 8
     group_size: int = 8
     lr: float = 1e-4
-    lr_schedule: str = "constant"  # constant | cosine
+    lr_schedule: LRSchedule = "constant"
     warmup_steps: int = 0
     grad_clip: float = 1.0
     micro_batch_size: int = 32
@@ -105,9 +113,10 @@ class RLConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 448
-    mode: str = "parallel"  # engine mode for rollouts
-    constraints: str = "strict"
-    reward: str = "papo"  # npr_env.rewards preset
+    mode: EngineMode = "parallel"  # engine mode for rollouts
+    # npr_env.rewards preset; it also fixes the constraint preset rollouts are judged under (stage1: relaxed,
+    # papo: strict, accuracy: relaxed); the engine builds its graphs under strict rules in every stage
+    reward: str = "papo"
     eval_every: int = 10
 
 
@@ -118,8 +127,7 @@ class Stage1Config(RLConfig):
     algorithm: str = "dapo"
     steps: int = 20
     lr: float = 5e-5
-    mode: str = "sequential"
-    constraints: str = "relaxed"
+    mode: EngineMode = "sequential"
     reward: str = "stage1"
 
 
@@ -217,65 +225,103 @@ class ConfigError(ValueError):
     pass
 
 
-def _coerce(value: Any, current: Any, where: str, hint: Any = None) -> Any:
-    kinds = hint.replace(" ", "").split("|") if isinstance(hint, str) else []
-    if "None" in kinds and kinds[0] in ("int", "float"):  # an optional number (`int | None`): "none" unsets it,
-        if value is None or value in ("none", "None", ""):  # anything else is coerced as the number type
+_NONE = (None, "none", "None", "")  # how a file or --set unsets an optional field
+
+
+def _fail(where: str, want: str, value: Any) -> typing.NoReturn:
+    raise ConfigError(f"{where}: expected {want}, got {value!r}")
+
+
+def _typed(hint: Any, value: Any, current: Any, source: str, key: str) -> Any:
+    """``value`` (from a TOML/YAML file, or ``--set`` as JSON else text) as the type ``hint`` says, or a
+    :class:`ConfigError` that reads ``<source>: <key>: expected ..., got ...``. A nested dataclass merges
+    ``value`` (a table) into ``current``."""
+    where = f"{source}: {key}"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if len(options) < len(args) and (value is None or (isinstance(value, str) and value in _NONE)):
             return None
-        return _coerce(value, 0 if kinds[0] == "int" else 0.0, where)
-    if dataclasses.is_dataclass(current):
+        for i, opt in enumerate(options):
+            try:
+                return _typed(opt, value, current, source, key)
+            except ConfigError:
+                if i == len(options) - 1:
+                    raise
+    if origin is typing.Literal:
+        if value not in args:
+            _fail(where, "one of " + ", ".join(repr(a) for a in args), value)
+        return value
+    if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return _merge(current, value, where)
-    if isinstance(current, bool):
+            _fail(where, "a table", value)
+        return _merge(current if current is not None else hint(), value, source, key)
+    if hint is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            _fail(where, "true/false", value)
         return value
-    if isinstance(current, tuple):
-        if isinstance(value, str):
+    if hint in (int, float):
+        want = "an integer" if hint is int else "a float"
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            _fail(where, want, value)
+        try:
+            if hint is float:
+                return float(value)
+            if isinstance(value, float):
+                if not value.is_integer():
+                    _fail(where, want, value)
+                return int(value)
+            return int(value)
+        except ValueError:
+            _fail(where, want, value)
+    if hint is str:
+        if isinstance(value, (dict, list, tuple)) or value is None:
+            _fail(where, "a string", value)
+        return str(value)
+    if hint in (tuple, list) or origin in (tuple, list):
+        if isinstance(value, str):  # --set tasks.terms=5,6
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        kind = type(current[0]) if current else str
-        try:
-            return tuple(kind(v) for v in value)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{where}: {e}") from None
-    if isinstance(current, dict):
-        if isinstance(value, str):
+            _fail(where, "a list", value)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                _fail(where, f"a list of {len(args)} items", value)
+            kinds = args
+        else:
+            kinds = (args[0] if args else Any,) * len(value)
+        items = [v if k is Any else _typed(k, v, None, source, f"{key}[{i}]") for i, (k, v) in enumerate(zip(kinds, value))]
+        return tuple(items) if (origin or hint) is tuple else items
+    if hint is dict or origin is dict:
+        if isinstance(value, str):  # --set stage3.algorithm_args='{"clip_low": 0.2}'
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{where}: {value!r} is not a JSON table ({e.msg})") from None
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
+            _fail(where, "a table", value)
+        if len(args) == 2:
+            return {_typed(args[0], k, None, source, key): _typed(args[1], v, None, source, f"{key}.{k}")
+                    for k, v in value.items()}
         return dict(value)
-    if current is None:
-        return None if value in (None, "none", "None", "") else value
-    if isinstance(value, bool) and isinstance(current, (int, float)):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    try:
-        if isinstance(current, int) and not isinstance(value, bool):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"{value} is not an integer")
-            return int(value)
-        if isinstance(current, float):
-            return float(value)
-        if isinstance(current, str):
-            return None if value is None else str(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
-    return value
+    if hint is Any:
+        return value
+    raise TypeError(f"{where}: the config loader has no rule for the type {hint!r}")
 
 
-def _merge(obj, data: dict, where: str):
-    hints = {f.name: f.type for f in fields(obj)}
+def _merge(obj, data: dict, source: str, prefix: str = ""):
+    """Set the fields of the dataclass ``obj`` named in ``data``, each checked against its type hint
+    (:func:`_typed`). ``source``: the file, or ``--set``; ``prefix``: the section's key path (``stage3``)."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in fields(obj)]
     for key, value in data.items():
-        if key not in hints:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(hints))})")
-        setattr(obj, key, _coerce(value, getattr(obj, key), f"{where}.{key}" if where else key, hints[key]))
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            where = f"{source}: {prefix}" if prefix else source
+            raise ConfigError(f"{where}: unknown key {key!r} ({hint}known: {', '.join(sorted(names))})")
+        setattr(obj, key, _typed(hints[key], value, getattr(obj, key), source, f"{prefix}.{key}" if prefix else key))
     return obj
 
 
@@ -322,7 +368,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             if not hasattr(obj, p) or not dataclasses.is_dataclass(getattr(obj, p)):
                 raise ConfigError(f"--set {key}: unknown section {p!r}")
             obj = getattr(obj, p)
-        _merge(obj, {parts[-1]: _parse_scalar(value)}, f"--set {'.'.join(parts[:-1])}")
+        _merge(obj, {parts[-1]: _parse_scalar(value)}, "--set", ".".join(parts[:-1]))
     return cfg
 
 
@@ -335,11 +381,10 @@ def _parse_scalar(value: str):
 
 # -- validation ----------------------------------------------------------------------------------------------
 STAGE_NAMES = ("stage0", "stage1", "stage2", "stage3")
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-LR_SCHEDULES = ("constant", "cosine")
-ENGINE_MODES = ("parallel", "sequential")
-ENGINE_BACKENDS = ("native", "sglang")
-CONSTRAINT_PRESETS = ("relaxed", "strict")
+DTYPE_NAMES = typing.get_args(Dtype)
+LR_SCHEDULES = typing.get_args(LRSchedule)
+ENGINE_MODES = typing.get_args(EngineMode)
+ENGINE_BACKENDS = typing.get_args(EngineBackend)
 
 
 def _check(ok: bool, key: str, value: Any, want: str) -> None:
@@ -437,7 +482,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{name}.algorithm_args: {err}") from None
         _one_of(f"{name}.lr_schedule", r.lr_schedule, LR_SCHEDULES)
         _one_of(f"{name}.mode", r.mode, ENGINE_MODES)
-        _one_of(f"{name}.constraints", r.constraints, CONSTRAINT_PRESETS)
         _one_of(f"{name}.reward", r.reward, tuple(REWARD_PRESETS))
         for f in ("steps", "prompts_per_step", "group_size", "micro_batch_size", "max_new_tokens"):
             _number(f"{name}.{f}", getattr(r, f), int, 1)

@@ -16,7 +16,8 @@ What changes with N ranks, and why it stays exact (2 ranks x half batch == 1 ran
 * **Micro-batches.** Gradients are synchronised once per optimizer step, on the last micro-batch (DDP
   ``no_sync``, FSDP2 ``set_requires_gradient_sync``). Ranks may hold different numbers of micro-batches; a rank
   with fewer runs zero-weight "idle" micro-batches so every rank runs the same collectives (FSDP2 gathers
-  weights in every forward). :func:`policy_update` is the whole update.
+  weights in every forward): :meth:`Dist.micro_steps` and :meth:`Dist.idle_loss`. The updates themselves
+  (:func:`npr_agent.updates.policy_update`, :func:`npr_agent.updates.sft_update`) run over these.
 * **Metrics.** :meth:`Dist.reduce_metrics` combines every rank's scalars before rank 0 logs them (``loss/*``
   and counts add up, ``*_max`` and timings take the max, the rest are means weighted by rollouts).
 * **Rollouts under FSDP2.** The native engine needs whole weights: :meth:`Dist.full_weights` unshards every
@@ -38,9 +39,9 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .algorithms import Prepared, RolloutInfo, merge_metrics
+from .algorithms import Prepared, RolloutInfo
 from .files import fsync_file
-from .policy import Sample, build_batch, sft_loss, token_logprobs
+from .policy import Sample, build_batch, token_logprobs
 
 STRATEGIES = ("ddp", "fsdp2")
 
@@ -275,6 +276,20 @@ class Dist:
         """Back-propagate this rank's share of the global loss; x world size because DDP/FSDP2 average."""
         (loss * self.world_size if self.enabled else loss).backward()
 
+    def micro_steps(self, model: nn.Module, n: int, at_least: int = 0) -> int:
+        """How many micro-batches this rank runs when it holds ``n``: under FSDP2 (which gathers weights in every
+        forward) as many as the busiest rank, the missing ones :meth:`idle_loss`; otherwise ``max(n, at_least)``."""
+        return self.max(n) if _fsdp_units(model) else max(n, at_least)
+
+    @staticmethod
+    def idle_loss(model: nn.Module, device) -> torch.Tensor:
+        """A zero loss through the whole model (2 tokens): a rank with no micro-batch left still runs the same
+        forward/backward collectives as the others, and adds nothing to the gradient."""
+        from npr_env.layout import Layout
+
+        batch = build_batch([Sample([0], [0], Layout.sequential(2))], device=device)
+        return token_logprobs(model, batch).sum() * 0.0
+
     @contextmanager
     def full_weights(self, model: nn.Module):
         """Whole (unsharded) weights inside the block, for the native engine or a save (FSDP2; no-op otherwise)."""
@@ -377,114 +392,3 @@ class Dist:
 
 
 LOCAL = Dist()  # the single-process default
-
-
-# -- the update --------------------------------------------------------------------------------------------------
-
-def _idle_loss(model: nn.Module, device) -> torch.Tensor:
-    """A zero loss through the whole model (2 tokens): a rank with no micro-batch left still runs the same
-    forward/backward collectives as the others, and adds nothing to the gradient."""
-    from npr_env.layout import Layout
-
-    batch = build_batch([Sample([0], [0], Layout.sequential(2))], device=device)
-    return token_logprobs(model, batch).sum() * 0.0
-
-
-def sft_update(model: nn.Module, samples: Sequence[Sample], optimizer, *, micro_batch_size: int, grad_clip: float,
-               device=None, dist: Dist = LOCAL) -> dict[str, float]:
-    """One SFT step on this rank's ``samples``: mean NLL over the global batch's loss tokens.
-
-    The samples are sorted by length and cut into micro-batches of ``micro_batch_size`` rows (0: one), each
-    trimmed to its own longest row, so short samples are not padded to the longest of the batch; the gradient
-    is the full batch's (each micro-batch loss is normalised by the global token count).
-    """
-    batch = build_batch(samples, device=device, train_forced=True).by_length()
-    n_local = batch.num_loss_tokens
-    n = dist.sum(n_local)  # Σ|y| over the global batch
-    mbs = batch.split(micro_batch_size) if micro_batch_size else [batch]
-    steps = dist.max(len(mbs)) if _fsdp_units(model) else len(mbs)
-    total = 0.0
-    for i in range(steps):
-        with dist.grad_sync(model, enabled=i == steps - 1):
-            loss = sft_loss(model, mbs[i], num_tokens=n) if i < len(mbs) else _idle_loss(model, device)
-            dist.backward(loss)  # x world size: DDP / FSDP2 average gradients
-            total += float(loss.detach())
-    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss/sft": total, "policy/grad_norm": float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn),
-            "tokens": float(n_local), "rows": float(batch.batch_size)}
-
-
-@torch.no_grad()
-def logprob_mismatch(model: nn.Module, rollouts: Sequence, temperature: float = 1.0, device=None) -> float:
-    """Max |trainer - engine| logprob over the sampled tokens of ``rollouts``, in one forward."""
-    from .scoring import training_sample
-
-    batch = build_batch([training_sample(r) for r in rollouts], device=device)
-    lp = token_logprobs(model, batch, temperature=temperature)
-    d = (lp - batch.old_logprobs).abs()[batch.loss_mask]
-    return float(d.max()) if d.numel() else 0.0
-
-
-def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tensor, optimizer, *,
-                  micro_batch_size: int, grad_clip: float, temperature: float = 1.0, device=None,
-                  dist: Dist = LOCAL, check: Sequence = ()) -> dict[str, float]:
-    """One RL update on this rank's kept rollouts (``advantages[i]`` for ``kept[i]``), exact across ranks.
-
-    ``check``: this rank's rollouts to measure ``policy/logprob_mismatch`` on when no rank updates (every
-    rollout filtered out), so the engine/trainer agreement is logged every step, not only on updates.
-
-    Rollouts generated under the orchestrated layout are scored as such (``engine.orchestration.training_sample``).
-    Returns this rank's metrics, ready for :meth:`Dist.reduce_metrics` (``loss/*`` are this rank's shares of
-    the global loss). No optimizer step anywhere when no rank has a nonzero advantage.
-    """
-    from .scoring import training_sample
-
-    samples = [training_sample(r) for r in kept]
-    adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)
-    local = bool(samples) and float(adv.abs().sum()) > 0
-    if not dist.any(local):  # nothing to learn from on any rank: no optimizer step (the same decision everywhere)
-        m = {"loss/policy": 0.0, "policy/grad_norm": 0.0, "batch/updated": 0.0}
-        if not dist.any(not check):  # every rank has rollouts: one forward each (FSDP2 gathers weights in it)
-            m["policy/logprob_mismatch"] = logprob_mismatch(model, check, temperature, device)
-        return m
-    model.train()
-    batch = build_batch(samples, device=device, train_forced=algo.config.train_forced) if samples else None
-    for i, s in enumerate(samples):  # orchestrated rollouts: their context-only rows are never trained
-        scored = getattr(s, "scored", None)
-        if scored is not None and bool(batch.loss_mask[i, :len(scored)][~torch.as_tensor(scored)].any()):
-            raise ValueError("an orchestrated rollout's context-only rows would enter the loss (train_forced=True); "
-                             "build_batch must honour ScoredSample.scored")
-    n = dist.sum(batch.num_loss_tokens if batch is not None else 0)  # Σ|y| over the global batch
-    mbs = batch.by_length().split(micro_batch_size) if batch is not None else []  # adv[mb.index] follows the rows
-    # FSDP2 gathers weights in every forward: every rank runs as many micro-batches as the busiest one
-    steps = dist.max(len(mbs)) if _fsdp_units(model) else max(len(mbs), 1)
-    parts, mismatch, ent_sum, gn = [], 0.0, 0.0, torch.zeros(())
-    for update in range(algo.config.updates_per_batch):
-        for i in range(steps):
-            with dist.grad_sync(model, enabled=i == steps - 1):
-                if i < len(mbs):
-                    mb = mbs[i]
-                    lp, ent = token_logprobs(model, mb, temperature=temperature, return_entropy=True)
-                    if update == 0:  # before any update the trainer and the engine score the same policy
-                        d = (lp.detach() - mb.old_logprobs).abs()[mb.loss_mask]
-                        mismatch = max(mismatch, float(d.max()) if d.numel() else 0.0)
-                        ent_sum += float(ent.detach()[mb.loss_mask].sum())
-                    loss, metrics = algo.loss(lp, mb.old_logprobs, adv[mb.index], mb.loss_mask, num_tokens=n,
-                                              entropy=ent)
-                    parts.append(metrics)
-                else:
-                    loss = _idle_loss(model, device)
-                dist.backward(loss)
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    m = merge_metrics(parts)
-    m["loss/policy"] = float(sum(p.get("loss/policy", 0.0) for p in parts))
-    m["policy/grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-    m["policy/logprob_mismatch"] = mismatch
-    m["policy/entropy"] = dist.sum(ent_sum) / max(1, n)  # global already: the same on every rank
-    m["batch/updated"] = 1.0
-    return m

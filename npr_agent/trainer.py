@@ -39,10 +39,11 @@ from npr_env.tasks import Problem, TaskFormatError
 from . import checkpoint as ckpt
 from .algorithms import RolloutInfo, make_algorithm
 from .config import ConfigError, RLConfig, SFTConfig, TrainConfig, validate
-from .distributed import LOCAL, Dist, policy_update, sft_update, unwrap
+from .distributed import LOCAL, Dist, unwrap
 from .files import atomic_write_jsonl, atomic_write_text
 from .logger import RunLogger, plot_summary, postfix, progress
 from .policy import Sample
+from .updates import policy_update, sft_update
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
 
@@ -311,9 +312,6 @@ class NPRTrainer:
                                     f"{stage} --out {self.run_dir})")
         return ckpt.load_pretrained(path, ckpt.DTYPES[self.cfg.model.dtype],
                                     gradient_checkpointing=self.cfg.model.gradient_checkpointing).to(self.device)
-
-    def seed_stage(self) -> str:
-        return "stage0" if "stage0" in self.cfg.stages or self.cfg.model.path is None else "base"
 
     def fresh_model(self):
         return ckpt.build_model(self.cfg.model, self.tokenizer, self.device, seed=self.cfg.seed,

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import npr_env
-from benchmarks import check_graders, registry
+from benchmarks import check_graders
 from benchmarks.eval import main as eval_main
-from benchmarks.eval import run_benchmark
-from benchmarks.metrics import summarize
+from npr_agent.eval_metrics import summarize
+from npr_agent.evaluate import run_benchmark
 from npr_env import prompt_ids
+from npr_env import suites as registry
 from npr_env.schema import format_block
 from npr_env.tasks import TaskFormatError
 

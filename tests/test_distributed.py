@@ -20,7 +20,8 @@ from engine import NPREngine, SamplingParams, TrajectoryForcer
 from engine.backends import NativeSequentialBackend
 from engine.orchestration import OrchestratedEngine
 from npr_agent.algorithms import RolloutInfo, make_algorithm
-from npr_agent.distributed import LOCAL, Dist, policy_update
+from npr_agent.distributed import LOCAL, Dist
+from npr_agent.updates import policy_update
 from npr_env.schema import format_block
 
 TOK = npr_env.load_tokenizer()

@@ -5,7 +5,7 @@ from math import comb
 import pytest
 
 import npr_env
-from benchmarks.metrics import (
+from npr_agent.eval_metrics import (
     SampleRecord,
     avg_at_k,
     is_parallel,

@@ -328,7 +328,7 @@ def test_context_rows_are_never_trained(model):
     """The S-view rows of non-first steps are context only: out of the loss, even with train_forced=True
     (build_batch honours ScoredSample.scored, or the update refuses to run)."""
     from npr_agent.algorithms import make_algorithm
-    from npr_agent.distributed import policy_update
+    from npr_agent.updates import policy_update
 
     _, r, _ = forced(model, TWO_BLOCKS)
     s = training_sample(r)

@@ -192,7 +192,7 @@ def test_sft_loss_is_mean_nll_and_accumulates_exactly():
 
 def test_sft_update_length_sorted_micro_batches_give_the_full_batch_step():
     """sft_update sorts by length and trims each micro-batch: the loss and the updated weights are the same."""
-    from npr_agent.distributed import sft_update
+    from npr_agent.updates import sft_update
 
     samples = [Sample.from_graph(g) for g in graphs()] * 2
     after = []

@@ -327,7 +327,7 @@ def test_a_problem_file_with_a_utf8_bom_is_read(tmp_path, suffix):
     assert f.read_bytes()[:3] == b"\xef\xbb\xbf"
     got = load_problems(f)
     assert [(p.question, p.answer) for p in got] == [("What is 1+1?", "2"), ("And 2+2?", "4")]
-    from benchmarks import registry
+    from npr_env import suites as registry
 
     assert [p.answer for p in registry.load("math500", source=f)] == ["2", "4"]
 

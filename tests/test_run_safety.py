@@ -15,7 +15,7 @@ from npr_agent.trainer import Interrupted, NPRTrainer, split_heldout
 from npr_env.tasks import Problem, TaskFormatError
 
 BAD_SETTINGS = [
-    ("stage3.lr_schedule=cosin", "stage3.lr_schedule"), ("stage1.constraints=strikt", "stage1.constraints"),
+    ("stage3.lr_schedule=cosin", "stage3.lr_schedule"), ("stage1.top_k=-1", "stage1.top_k"),
     ("stage0.steps=-5", "stage0.steps"), ("stage3.group_size=0", "stage3.group_size"),
     ("stage3.lr=true", "stage3.lr"), ("stage3.algorithm=papoo", "stage3.algorithm"),
     ("stage3.mode=paralel", "stage3.mode"), ("stage1.reward=stage_1", "stage1.reward"),

@@ -122,3 +122,34 @@ def test_config_errors_name_the_key(tmp_path):
     cfg = apply_overrides(preset("tiny"), ["stage3.steps=7", "tasks.num_subproblems=3,4"])
     assert cfg.stage3.steps == 7 and cfg.tasks.num_subproblems == (3, 4)
     assert npr_main(["train", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_config_loader_checks_every_field_by_its_type(tmp_path):
+    """One loader for every field, driven by the dataclasses' type hints: file (or --set), key, what was expected."""
+    bad = tmp_path / "x.toml"
+    cases = [('[stage3]\nlr = "abc"\n', "x.toml: stage3.lr: expected a float, got 'abc'"),
+             ("[stage3]\nlr = true\n", "stage3.lr: expected a float, got True"),
+             ("[model]\nhidden_size = 1.5\n", "model.hidden_size: expected an integer, got 1.5"),
+             ('[stage1]\nmode = "paralel"\n', "stage1.mode: expected one of 'parallel', 'sequential', got 'paralel'"),
+             ("[tasks]\nterms = [1, 2, 3]\n", "tasks.terms: expected a list of 2 items"),
+             ('[tasks]\nterms = ["a", 2]\n', r"tasks.terms\[0\]: expected an integer, got 'a'"),
+             ("[tasks]\nchat_kwargs = 3\n", "tasks.chat_kwargs: expected a table, got 3"),
+             ("stage3 = 5\n", "x.toml: stage3: expected a table, got 5"),
+             ("[engine]\nmemory_saver = 2\n", "engine.memory_saver: expected true/false, got 2"),
+             ("[stage3]\nstepz = 1\n", "x.toml: stage3: unknown key 'stepz' \\(did you mean 'steps'\\?")]
+    for text, msg in cases:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=msg):
+            load_file(bad)
+    with pytest.raises(ConfigError, match="--set: stage3.lr: expected a float, got 'abc'"):
+        apply_overrides(preset("tiny"), ["stage3.lr=abc"])
+    cfg = apply_overrides(preset("tiny"), ["engine.num_blocks=none", "model.tokenizer=npr:qwen3", "stages=stage0,stage1",
+                                           "engine.kv_mem_fraction=0.5", 'tasks.chat_kwargs={"a": 1}', "stage3.lr=1e-5",
+                                           "model.gradient_checkpointing=true", "stage1.top_k=4.0"])
+    assert cfg.engine.num_blocks is None and cfg.model.tokenizer == "npr:qwen3"
+    assert cfg.stages == ("stage0", "stage1") and cfg.engine.kv_mem_fraction == 0.5
+    assert cfg.tasks.chat_kwargs == {"a": 1} and cfg.stage3.lr == 1e-5 and cfg.model.gradient_checkpointing is True
+    assert cfg.stage1.top_k == 4 and isinstance(cfg.stage1.top_k, int)
+    # stage*.constraints is gone: the reward preset decides the constraints rollouts are judged under
+    with pytest.raises(ConfigError, match="stage1: unknown key 'constraints'"):
+        apply_overrides(preset("tiny"), ["stage1.constraints=relaxed"])

@@ -1,4 +1,4 @@
-"""Writers for an evaluation: the JSON file, the Markdown table and the PNG plots (matplotlib, Agg backend)."""
+"""Writers for an evaluation (``npr eval``): the JSON file, the Markdown table and the PNG plots (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .metrics import SampleRecord
+from .eval_metrics import SampleRecord
 
 DEFINITIONS = """\
 - **avg@k**: per problem, the share of its k samples that are correct; mean over problems.

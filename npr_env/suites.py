@@ -1,8 +1,8 @@
 """The paper's eight reasoning benchmarks: where their problems come from and how an answer is graded.
 
-    from benchmarks import registry
-    bench = registry.get("aime25")                                   # aliases and any case work too
-    problems = registry.load("math500", data_dir="../shared/benchmarks", limit=8)
+    from npr_env import suites
+    bench = suites.get("aime25")                                     # aliases and any case work too
+    problems = suites.load("math500", data_dir="../shared/benchmarks", limit=8)
     verdicts = bench.grade_many(response_texts, problems)            # one bool per (text, problem)
 
 Where a benchmark's problems come from, first match wins:
