@@ -3,7 +3,7 @@
 Runs ``NPRTrainer.rl_step`` (the step ``benchmarks.trainer_speed`` times) with timers around its phases:
 
 * ``rollout``: ``engine.generate`` (decode, prefill, forced tokens, forks/joins; see ``--hotspots`` for inside);
-* ``reward``: ``npr_env.rewards.score`` (verifier and graph verdicts);
+* ``reward``: ``npr_env.rewards.score_many`` / ``score`` (verifier and graph verdicts);
 * ``batch``: ``npr_agent.policy.build_batch`` (layout collation, masks' compact form) and ``training_sample``;
 * ``forward``: ``token_logprobs`` (mask build, backbone under the layout, output head); with grad when the step
   updates, else the no-grad ``policy/logprob_mismatch`` forward;
@@ -79,6 +79,7 @@ def instrument_modules() -> None:
     import npr_env.rewards as R
 
     _wrap(R, "score", "reward")
+    _wrap(R, "score_many", "reward")
     _wrap(D, "build_batch", "batch")
     _wrap(O, "training_sample", "batch")
     _wrap(D, "token_logprobs", "forward")
