@@ -79,7 +79,8 @@ def instrument_modules() -> None:
     import npr_env.rewards as R
 
     _wrap(R, "score", "reward")
-    _wrap(R, "score_many", "reward")
+    if hasattr(R, "score_many"):
+        _wrap(R, "score_many", "reward")
     _wrap(D, "build_batch", "batch")
     _wrap(O, "training_sample", "batch")
     _wrap(D, "token_logprobs", "forward")
