@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(a.threads)
     model_dir = a.model or save_tiny_model(hidden_size=128, num_layers=3)
+    from npr_env.verify import warmup
+
+    warmup()  # the verifier's workers start before any timing (a cold start is ~1 s per worker)
     modes = a.modes.split(",")
     arms = {m: make_arm(model_dir, m, a.prompts, a.group, a.max_new_tokens, a.threads) for m in modes}
     clocks = {m: Clock() for m in modes}

@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     from npr_agent.checkpoint import save_tiny_model
 
     model = a.model or save_tiny_model(hidden_size=128, num_layers=3)  # the tiny preset's shape
+    from npr_env.verify import warmup
+
+    warmup()  # the verifier's workers start (~1 s each) before any timing, not inside the first arm's steps
     shape = (a.steps, a.prompts, a.group, a.max_new_tokens, a.threads)
     res = {"model": model, "steps": a.steps, "prompts": a.prompts, "group": a.group,
            "max_new_tokens": a.max_new_tokens, "threads": a.threads}
