@@ -7,7 +7,15 @@ measured in both engine modes::
     python -m benchmarks.trainer_speed --model runs/<run>/stage2 --steps 3 --json out/trainer_speed.json
     python -m benchmarks.trainer_speed --quick            # a tiny random model (the ratio, not the learning)
 
-The first step of each side is a warm-up and is not timed.
+The first step of each side is a warm-up and is not timed. Our two modes run in the same process, alternating
+step by step (after one warm-up step each), so a change in the machine's load hits both alike.
+
+The two modes do not do the same work on the same prompts: a parallel rollout decodes its sibling steps side by
+side, so within the same ``max_new_tokens`` (a bound on each rollout's critical path, decode steps) it generates
+more tokens, and the update then scores more. Printed with the seconds, per mode: tokens generated per step, decode
+steps per rollout, the share of steps that updated (a step whose rollouts all get the same reward has no gradient
+and makes no update), and seconds per 1000 generated tokens. ``benchmarks.trainer_profile`` splits a step into
+phases.
 """
 
 from __future__ import annotations
@@ -18,8 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+MODES = ("parallel", "sequential")
 
-def ours(model_dir: str, mode: str, steps: int, prompts: int, group: int, max_new: int, threads: int) -> float:
+
+def _arm(model_dir: str, mode: str, prompts: int, group: int, max_new: int, threads: int):
+    import torch
+
     from npr_agent.algorithms import make_algorithm
     from npr_agent.config import preset
     from npr_agent.trainer import NPRTrainer
@@ -31,16 +43,30 @@ def ours(model_dir: str, mode: str, steps: int, prompts: int, group: int, max_ne
     t = NPRTrainer(cfg, tempfile.mkdtemp(prefix="npr-speed-run-"), show_progress=False)
     model = t.fresh_model()
     algo = make_algorithm("papo", temperature=rl.temperature)
-    import torch
-
     opt = torch.optim.AdamW(model.parameters(), lr=rl.lr)
-    engine = t.engine(model)
-    times = []
-    for step in range(steps + 1):
-        t0 = time.perf_counter()
-        t.rl_step("stage3", step, model, engine, algo, opt, rl)
-        times.append(time.perf_counter() - t0)
-    return sum(times[1:]) / steps
+    return t, model, t.engine(model), algo, opt, rl
+
+
+def ours(model_dir: str, steps: int, prompts: int, group: int, max_new: int, threads: int,
+         modes=MODES) -> dict[str, dict[str, float]]:
+    """Per mode: seconds per step and the work a step did, the modes alternating step by step."""
+    arms = {m: _arm(model_dir, m, prompts, group, max_new, threads) for m in modes}
+    for t, model, engine, algo, opt, rl in arms.values():
+        t.rl_step("stage3", 0, model, engine, algo, opt, rl)  # warm-up, untimed
+    acc = {m: {"s": 0.0, "tokens": 0.0, "decode_steps": 0.0, "updated": 0.0} for m in modes}
+    for step in range(1, steps + 1):
+        for m in modes:
+            t, model, engine, algo, opt, rl = arms[m]
+            t0 = time.perf_counter()
+            met = t.rl_step("stage3", step, model, engine, algo, opt, rl)
+            a = acc[m]
+            a["s"] += time.perf_counter() - t0
+            a["tokens"] += met["length/total_tokens"] * prompts * group
+            a["decode_steps"] += met["length/critical_path"]
+            a["updated"] += met.get("batch/updated", 0.0)
+    return {m: {"s_per_step": a["s"] / steps, "generated_tokens_per_step": a["tokens"] / steps,
+                "decode_steps_per_rollout": a["decode_steps"] / steps, "updated_rate": a["updated"] / steps,
+                "s_per_1k_tokens": 1000 * a["s"] / max(a["tokens"], 1.0)} for m, a in acc.items()}
 
 
 def trl(model_dir: str, steps: int, prompts: int, group: int, max_new: int, threads: int) -> float:
@@ -88,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=448)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="2 steps, 4 prompts x 4, 96 tokens")
+    ap.add_argument("--no-trl", action="store_true", help="our two modes only")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args(argv)
     if a.quick:
@@ -95,18 +122,33 @@ def main(argv: list[str] | None = None) -> dict:
     from npr_agent.checkpoint import save_tiny_model
 
     model = a.model or save_tiny_model(hidden_size=128, num_layers=3)  # the tiny preset's shape
+    from npr_env.verify import warmup
+
+    warmup()  # the verifier's workers start (~1 s each) before any timing, not inside the first arm's steps
     shape = (a.steps, a.prompts, a.group, a.max_new_tokens, a.threads)
     res = {"model": model, "steps": a.steps, "prompts": a.prompts, "group": a.group,
            "max_new_tokens": a.max_new_tokens, "threads": a.threads}
-    res["trl_grpo_s_per_step"] = trl(model, *shape)
-    for mode in ("parallel", "sequential"):
-        res[f"ours_{mode}_s_per_step"] = ours(model, mode, *shape)
-        res[f"speedup_vs_trl_{mode}"] = res["trl_grpo_s_per_step"] / res[f"ours_{mode}_s_per_step"]
-    print(f"{'':24s} s/step   vs TRL")
-    print(f"{'TRL GRPOTrainer':24s} {res['trl_grpo_s_per_step']:7.2f}   1.00x")
-    for mode in ("parallel", "sequential"):
-        print(f"{'ours, ' + mode:24s} {res[f'ours_{mode}_s_per_step']:7.2f}   "
-              f"{res[f'speedup_vs_trl_{mode}']:.2f}x")
+    if not a.no_trl:
+        res["trl_grpo_s_per_step"] = trl(model, *shape)
+    for mode, r in ours(model, *shape).items():
+        for k, v in r.items():
+            res[f"ours_{mode}_{k}"] = v
+        if not a.no_trl:
+            res[f"speedup_vs_trl_{mode}"] = res["trl_grpo_s_per_step"] / r["s_per_step"]
+    res["parallel_over_sequential_per_step"] = res["ours_parallel_s_per_step"] / res["ours_sequential_s_per_step"]
+    res["parallel_over_sequential_per_token"] = (res["ours_parallel_s_per_1k_tokens"]
+                                                 / res["ours_sequential_s_per_1k_tokens"])
+    print(f"{'':24s} s/step   vs TRL  tokens/step  decode steps  updated  s/1k tokens")
+    if not a.no_trl:
+        print(f"{'TRL GRPOTrainer':24s} {res['trl_grpo_s_per_step']:7.2f}   1.00x  "
+              f"{a.prompts * a.group * a.max_new_tokens:>11d} (at most)")
+    for mode in MODES:
+        vs = f"{res[f'speedup_vs_trl_{mode}']:5.2f}x" if not a.no_trl else "    -"
+        print(f"{'ours, ' + mode:24s} {res[f'ours_{mode}_s_per_step']:7.2f}   {vs}  "
+              f"{res[f'ours_{mode}_generated_tokens_per_step']:11.0f}  {res[f'ours_{mode}_decode_steps_per_rollout']:12.1f}"
+              f"  {res[f'ours_{mode}_updated_rate']:7.2f}  {res[f'ours_{mode}_s_per_1k_tokens']:11.3f}")
+    print(f"parallel / sequential: {res['parallel_over_sequential_per_step']:.2f} per step, "
+          f"{res['parallel_over_sequential_per_token']:.2f} per generated token")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(res, indent=2))

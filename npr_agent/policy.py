@@ -5,8 +5,11 @@ A trajectory is scored with the positions and visibility of its :class:`npr_env.
 integers); the attention mask is built on the device, in one of three forms (:func:`resolve_attn`):
 
 * ``"bias"``: one additive ``[B, 1, T, T]`` float mask (eager / SDPA); short sequences and tests;
-* ``"chunked"``: query chunks, each with only its ``[B, 1, rows, k]`` mask, each checkpointed (an HF attention
-  function registered as ``npr_chunked``); memory grows linearly with ``T``, on any device;
+* ``"chunked"``: query chunks, each with only its ``[B, 1, rows, k]`` mask (``k``: the chunk's last row + 1), each
+  checkpointed (an HF attention function registered as ``npr_chunked``); memory grows linearly with ``T``, on any
+  device. Under ``"auto"`` (the trainer's default) a batch whose dense mask would be small keeps its chunk masks
+  (built once, shared by the layers; no recompute), and a layout that hides nothing (sequential rows) is one
+  ``is_causal`` SDPA call with no mask at all;
 * ``"flex"``: a FlexAttention block mask (``attn_implementation="flex_attention"``; CUDA, long sequences).
 
 Token ``t`` is predicted by the logits of row ``predictor[t]``: the latest token it may see. That is ``t - 1``,
@@ -21,7 +24,7 @@ positions, and never a boolean 4-D mask (an eager attention misreads it).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -225,6 +228,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # "chunked" query chunks of ``rows`` rows, each with only its [B, 1, rows, k] mask built on the device from
 #           hide_lo / hide_hi / valid (k = the chunk's last row + 1: no row sees later keys), each chunk checkpointed,
 #           so the backward keeps no [H, T, T] scores and no mask. Memory grows linearly with T. Any device.
+#           "auto" keeps the chunk masks when the dense mask would fit MASK_BUDGET (no recompute), and runs a layout
+#           that hides nothing as plain is_causal attention (no mask).
 # "flex"    a FlexAttention BlockMask built on the device from the compact layout (CUDA; the model must use
 #           attn_implementation="flex_attention").
 
@@ -252,19 +257,34 @@ def attention_chunk_rows(batch_size: int, seq_len: int, budget: int = MASK_BUDGE
 @dataclass
 class ChunkedLayout:
     """What the chunked attention reads (passed to the model's forward as ``npr_layout``; HF forwards it to the
-    attention function of every layer): the compact layout on the device and the rows per query chunk."""
+    attention function of every layer): the compact layout on the device and the rows per query chunk.
+
+    ``checkpoint``: recompute each chunk's mask and scores in backward (memory linear in ``T``). Without it, the
+    chunks' masks are built once, by the first layer, and reused by every later layer (and by an activation
+    checkpoint's recompute): about half the ``[B, 1, T, T]`` mask in all, for batches whose whole mask fits.
+    ``causal``: the layout hides nothing and padding is on the right, so the layout is plain causal attention for
+    every real token: one SDPA call with ``is_causal`` (no mask at all; linear memory).
+    """
 
     hide_lo: torch.Tensor  # [B, T, D]
     hide_hi: torch.Tensor  # [B, T, D]
     valid: torch.Tensor  # [B, T]
     rows: int
+    checkpoint: bool = True
+    causal: bool = False
+    masks: dict = field(default_factory=dict)  # (q0, dtype) -> the chunk's mask, when not checkpointing
 
 
 def _attend_rows(query, key, value, layout: ChunkedLayout, q0: int, scaling, dropout: float, gqa: bool):
     """Attention of query rows ``q0 : q0 + C`` over keys ``0 : q0 + C``, under the layout. The mask is built here,
     so under a checkpoint it is rebuilt in backward rather than kept."""
     q1 = q0 + query.shape[2]
-    bias = attention_bias_rows(layout.hide_lo, layout.hide_hi, layout.valid, q0, q1, q1, dtype=query.dtype)
+    key_ = (q0, query.dtype)
+    bias = None if layout.checkpoint else layout.masks.get(key_)
+    if bias is None:
+        bias = attention_bias_rows(layout.hide_lo, layout.hide_hi, layout.valid, q0, q1, q1, dtype=query.dtype)
+        if not layout.checkpoint:
+            layout.masks[key_] = bias
     return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling,
                                           enable_gqa=gqa)
 
@@ -290,13 +310,17 @@ def chunked_attention_forward(module, query, key, value, attention_mask, scaling
     gqa = groups > 1 and query.device.type == "cpu"  # CPU flash kernel: masked GQA without repeating keys
     if groups > 1 and not gqa:  # elsewhere a masked GQA falls back to the math kernel: repeat once per layer
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if npr_layout.causal:  # every real token sees exactly its predecessors: the kernel's own causal mask
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
     rows = max(1, int(npr_layout.rows))
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     outs = []
     for q0 in range(0, T, rows):
         q1 = min(T, q0 + rows)
         args = (query[:, :, q0:q1], key[:, :, :q1], value[:, :, :q1], npr_layout, q0, scaling, dropout, gqa)
-        if grad and T > rows:  # keep no chunk's mask or scores for backward: recompute them chunk by chunk
+        if grad and T > rows and npr_layout.checkpoint:  # keep no chunk's mask or scores for backward: recompute them chunk by chunk
             outs.append(torch.utils.checkpoint.checkpoint(_attend_rows, *args, use_reentrant=False,
                                                           preserve_rng_state=dropout > 0))
         else:
@@ -352,18 +376,42 @@ def use_chunked_attention(model: nn.Module) -> nn.Module:
 
 
 def resolve_attn(model: nn.Module, batch: TokenBatch, attn: str = "auto") -> str:
-    """The attention path ``attn`` stands for: ``"auto"`` is ``"flex"`` for a flex_attention model, ``"bias"``
-    when the whole ``[B, 1, T, T]`` mask fits in one chunk's budget (:data:`MASK_BUDGET`; short sequences),
-    ``"chunked"`` otherwise. All three give the same logprobs and gradients (to float rounding)."""
+    """The attention path ``attn`` stands for: ``"auto"`` is ``"flex"`` for a flex_attention model, else
+    ``"chunked"``, which picks its own form (:func:`_chunked_layout`): plain causal attention when the layout
+    hides nothing (sequential rollouts), reused row-chunk masks without recomputation when the whole
+    ``[B, 1, T, T]`` mask would fit one chunk's budget (:data:`MASK_BUDGET`), checkpointed row chunks otherwise.
+    Every path gives the same logprobs and gradients (to float rounding)."""
     if attn not in ATTN_MODES:
         raise ValueError(f"attn must be one of {', '.join(map(repr, ATTN_MODES))}, got {attn!r}")
     impl = getattr(_unwrap(model).config, "_attn_implementation", None)
     if attn == "auto":
-        if impl == "flex_attention":
-            return "flex"
-        B, T = batch.input_ids.shape
-        return "bias" if B * T * T <= MASK_BUDGET else "chunked"
+        return "flex" if impl == "flex_attention" else "chunked"
     return attn
+
+
+FAST_CHUNK_ROWS = 64  # query rows per chunk when the masks are kept (the keys of a chunk stop at its last row)
+
+
+def layout_is_causal(batch: TokenBatch) -> bool:
+    """The layout hides no key from any token and every row's padding is on the right: for the real tokens the
+    layout is plain causal attention (a sequential rollout, an SFT text)."""
+    if bool((batch.hide_hi > batch.hide_lo).any()):
+        return False
+    T = batch.seq_len
+    n = batch.valid.sum(1, keepdim=True)
+    return bool((batch.valid == (torch.arange(T, device=batch.device)[None, :] < n)).all())
+
+
+def _chunked_layout(batch: TokenBatch, attn: str, attn_chunk: int | None) -> ChunkedLayout:
+    """The chunked path's form. ``attn="auto"``: causal when the layout hides nothing; masks kept (each chunk's
+    keys end at its last row, so roughly half the dense mask's scores, built once for all layers) when the
+    dense mask would fit :data:`MASK_BUDGET`; else (and always for an explicit ``attn="chunked"``, the memory
+    path) each chunk checkpointed with :func:`attention_chunk_rows` rows."""
+    B, T = batch.input_ids.shape
+    causal = layout_is_causal(batch)
+    keep = attn == "auto" and B * T * T <= MASK_BUDGET
+    rows = attn_chunk or (FAST_CHUNK_ROWS if keep else attention_chunk_rows(B, T))
+    return ChunkedLayout(batch.hide_lo, batch.hide_hi, batch.valid, rows, checkpoint=not keep, causal=causal)
 
 
 def _mask_for(model: nn.Module, batch: TokenBatch, attn: str, attn_chunk: int | None = None):
@@ -385,12 +433,11 @@ def _mask_for(model: nn.Module, batch: TokenBatch, attn: str, attn_chunk: int | 
     if mode == "bias":
         return batch.attention_mask(dtype), {}
     use_chunked_attention(model)
-    rows = attn_chunk or attention_chunk_rows(B, T)
     # A 4-D mask makes HF skip its own mask creation (and its packed-sequence guess from the positions). This
     # one is a zero-stride view (no memory) of NaN: the chunked attention never reads it, and any attention that
     # did would give NaN, never a silently wrong result.
     placeholder = torch.full((1, 1, 1, 1), float("nan"), dtype=dtype, device=batch.device).expand(B, 1, T, T)
-    return placeholder, {"npr_layout": ChunkedLayout(batch.hide_lo, batch.hide_hi, batch.valid, rows)}
+    return placeholder, {"npr_layout": _chunked_layout(batch, attn, attn_chunk)}
 
 
 def hidden_states(model: nn.Module, batch: TokenBatch, attn: str = "auto",
@@ -479,7 +526,7 @@ def token_logprobs(model: nn.Module, batch: TokenBatch, temperature: float = 1.0
     ``attn``: ``"bias"`` (one additive ``[B, 1, T, T]`` float mask, eager/SDPA; short sequences), ``"chunked"``
     (query chunks of ``attn_chunk`` rows, each with its own ``[rows, T]`` mask, checkpointed: memory linear in
     ``T``, any device), ``"flex"`` (a FlexAttention block mask; the model must use ``flex_attention``), or
-    ``"auto"`` (:func:`resolve_attn`: flex for a flex model, else bias when the mask is small, else chunked).
+    ``"auto"`` (:func:`resolve_attn`: flex for a flex model, else chunked in its fastest form for the batch).
     """
     parts = batch.split(micro_batch_size, trim=8) if micro_batch_size else [batch]
     outs = [_token_logprobs_one(model, mb, temperature, return_entropy, all_tokens, attn, chunk_tokens, attn_chunk)
@@ -505,5 +552,5 @@ def sft_loss(model: nn.Module, batch: TokenBatch, num_tokens: int | None = None,
 
 
 __all__ = ["ChunkedLayout", "Sample", "TokenBatch", "attention_chunk_rows", "build_batch", "chunked_attention_forward",
-           "hidden_states", "logprob_chunk_rows", "logprobs_from_hidden", "register_chunked_attention", "resolve_attn",
-           "sft_loss", "token_logprobs", "use_chunked_attention"]
+           "hidden_states", "layout_is_causal", "logprob_chunk_rows", "logprobs_from_hidden",
+           "register_chunked_attention", "resolve_attn", "sft_loss", "token_logprobs", "use_chunked_attention"]

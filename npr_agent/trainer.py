@@ -577,7 +577,7 @@ class NPRTrainer:
         with self.dist.full_weights(model):  # FSDP2: whole weights for the engine
             rollouts = engine.generate(prompts, params, mode=cfg.mode)
         rollout_s = time.time() - t0
-        results = [R.score(cfg.reward, r.graph, gold, truncated=r.truncated) for r, gold in zip(rollouts, golds)]
+        results = R.score_many(cfg.reward, [r.graph for r in rollouts], golds, [r.truncated for r in rollouts])
         infos = [RolloutInfo(reward=res.reward, group_id=g, length=len(r.token_ids), truncated=r.truncated,
                              dropped=res.dropped) for res, r, g in zip(results, rollouts, groups)]
         prep = self.dist.prepare(algo, infos)  # advantages over the global batch; this rank's slice

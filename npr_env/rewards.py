@@ -97,35 +97,42 @@ def stage1_reward(response: str | ExecutionGraph, gold: str, constraints: str | 
     return 1.0 if verify(_text(response), gold, timeout=timeout) else -1.0
 
 
+def _verdict(response, gold, timeout: float, correct: bool | None) -> bool:
+    """``correct`` when the caller already has the verifier's verdict (:func:`score_many`), else ``verify``."""
+    return bool(correct) if correct is not None else verify(_text(response), gold, timeout=timeout)
+
+
 def stage1_result(response: str | ExecutionGraph, gold: str, truncated: bool = False, tokenizer=None,
-                  timeout: float = 5.0) -> RewardResult:
-    """The ``stage1`` preset as a :class:`RewardResult`. Stage 1 penalises, it never drops (truncated too)."""
+                  timeout: float = 5.0, correct: bool | None = None) -> RewardResult:
+    """The ``stage1`` preset as a :class:`RewardResult`. Stage 1 penalises, it never drops (truncated too).
+
+    ``correct``: the verifier's verdict on ``(response, gold)`` when the caller has it (the same for every preset)."""
     g = _graph(response, "relaxed", tokenizer)
     fs = g.format_score()
-    correct = verify(_text(response), gold, timeout=timeout)
+    correct = _verdict(response, gold, timeout, correct)
     reward = _invalid_reward(fs, True) if fs < 0 else (1.0 if correct else -1.0)
     return RewardResult(reward=reward, valid=fs == 0, dropped=False, format_score=fs, correct=correct)
 
 
 def papo_reward(response: str | ExecutionGraph, gold: str, truncated: bool = False, tokenizer=None,
-                timeout: float = 5.0) -> RewardResult:
+                timeout: float = 5.0, correct: bool | None = None) -> RewardResult:
     """Stage 3 (PAPO): +/-1 accuracy (0 when empty); dropped when invalid under strict rules or truncated."""
     g = _graph(response, "strict", tokenizer)
     fs = g.format_score()
     valid = fs == 0
     empty = _is_empty(response)
-    correct = (not empty) and verify(_text(response), gold, timeout=timeout)
+    correct = (not empty) and _verdict(response, gold, timeout, correct)
     reward = 0.0 if empty else (1.0 if correct else -1.0)
     return RewardResult(reward=reward, valid=valid, dropped=(not valid) or bool(truncated), format_score=fs,
                         correct=correct)
 
 
 def accuracy_result(response: str | ExecutionGraph, gold: str, truncated: bool = False, tokenizer=None,
-                    timeout: float = 5.0) -> RewardResult:
+                    timeout: float = 5.0, correct: bool | None = None) -> RewardResult:
     """Plain accuracy with no format gate (sequential baseline); validity is reported under relaxed rules."""
     fs = format_score(response, "relaxed", tokenizer)
     empty = _is_empty(response)
-    correct = (not empty) and verify(_text(response), gold, timeout=timeout)
+    correct = (not empty) and _verdict(response, gold, timeout, correct)
     reward = 0.0 if empty else (1.0 if correct else -1.0)
     return RewardResult(reward=reward, valid=fs == 0, dropped=False, format_score=fs, correct=correct)
 
@@ -143,6 +150,22 @@ def score(preset: str, graph: ExecutionGraph | str, gold: str, truncated: bool =
     if fn is None:
         raise ValueError(f"unknown reward preset {preset!r}; choose one of {sorted(REWARD_PRESETS)}")
     return fn(graph, gold, truncated=truncated, **kwargs)
+
+
+def score_many(preset: str, graphs: Sequence[ExecutionGraph | str], golds: Sequence[str],
+               truncated: Sequence[bool] | None = None, **kwargs) -> list[RewardResult]:
+    """:func:`score` over a batch, with the same results: the verdicts the verifier's fast path cannot settle are
+    judged on all its workers at once (:func:`npr_env.verify.verify_many`, each with its own CPU budget) instead of
+    one after another."""
+    fn = REWARD_PRESETS.get(preset)
+    if fn is None:
+        raise ValueError(f"unknown reward preset {preset!r}; choose one of {sorted(REWARD_PRESETS)}")
+    graphs, golds = list(graphs), list(golds)
+    truncated = [False] * len(graphs) if truncated is None else list(truncated)
+    if not len(graphs) == len(golds) == len(truncated):
+        raise ValueError(f"{len(graphs)} responses, {len(golds)} gold answers, {len(truncated)} truncated flags")
+    ok = verify_many([_text(g) for g in graphs], golds, timeout=kwargs.get("timeout", 5.0))
+    return [fn(g, gold, truncated=bool(t), correct=c, **kwargs) for g, gold, t, c in zip(graphs, golds, truncated, ok)]
 
 
 # -- TRL-style reward functions --------------------------------------------------------------------------------
@@ -196,6 +219,6 @@ def trl_stage1_reward(completions, **kwargs) -> list[float]:
 
 __all__ = [
     "REWARD_PRESETS", "RewardResult", "accuracy_result", "accuracy_reward", "completion_text", "format_score",
-    "papo_reward", "score", "stage1_result", "stage1_reward", "trl_accuracy_reward", "trl_format_reward",
+    "papo_reward", "score", "score_many", "stage1_result", "stage1_reward", "trl_accuracy_reward", "trl_format_reward",
     "trl_stage1_reward",
 ]

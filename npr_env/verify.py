@@ -156,6 +156,27 @@ def _pred_choice(s: str) -> str | None:
     return m.group(2).upper() if m.end() == len(s) else None
 
 
+_TUPLE = re.compile(r"\(([^()\[\]{}]*,[^()\[\]{}]*)\)")
+_THREE_DIGITS = re.compile(r"\d{3}")
+
+
+def _tuple_verdict(p: str, g: str) -> bool | None:
+    """Two ordered tuples of exact numbers in normalized form, such as ``(40,28,25,22)``: equal when they have the
+    same length and equal elements, else not (math-verify's verdict for them; it never reorders a tuple). None for
+    anything else, and where ``(1,000)`` could be one number with a thousands separator (an element of exactly
+    three digits after a comma), or an element is a decimal."""
+    mp, mg = _TUPLE.fullmatch(p), _TUPLE.fullmatch(g)
+    if mp is None or mg is None:
+        return None
+    ps, gs = mp.group(1).split(","), mg.group(1).split(",")
+    if any(_THREE_DIGITS.fullmatch(x) for x in ps[1:] + gs[1:]):
+        return None
+    a, b = [_as_number(x) for x in ps], [_as_number(x) for x in gs]
+    if any(x is None or not x[1] for x in a + b):
+        return None
+    return len(a) == len(b) and all(x[0] == y[0] for x, y in zip(a, b))
+
+
 def fast_verdict(pred: str, gold: str) -> bool | None:
     """True/False when the answers can be judged without math-verify, else None.
 
@@ -175,6 +196,9 @@ def fast_verdict(pred: str, gold: str) -> bool | None:
         if _as_number(p) is not None and not re.search(r",\s", pred):
             return False
         return None
+    tup = _tuple_verdict(p, g)
+    if tup is not None:
+        return tup
     # AoPS writes AIME answers as \textbf{(073)}: a lone number in parentheses is that number.
     inner = re.fullmatch(r"\(([^(),]+)\)", p)
     if inner and _as_number(inner.group(1)) is not None:

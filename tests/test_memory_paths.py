@@ -114,14 +114,15 @@ def test_auto_picks_the_path_by_size(monkeypatch):
     batch = batch_of_three()
     B, T = batch.input_ids.shape
     model = tiny_model()
-    assert resolve_attn(model, batch, "auto") == "bias"  # the whole mask fits one chunk's budget
-    monkeypatch.setattr(policy, "MASK_BUDGET", B * T * T - 1)
     assert resolve_attn(model, batch, "auto") == "chunked"
-    lp = token_logprobs(model, batch, all_tokens=True)  # auto, chunked now
+    assert not policy._chunked_layout(batch, "auto", None).checkpoint  # the whole mask fits: masks kept
+    assert policy._chunked_layout(batch, "chunked", None).checkpoint  # the explicit memory path
+    dense = step(tiny_model(), batch, attn="bias")
+    assert_same(step(model, batch), dense)  # auto, masks kept
+    monkeypatch.setattr(policy, "MASK_BUDGET", B * T * T - 1)
+    assert policy._chunked_layout(batch, "auto", None).checkpoint  # too big: checkpointed chunks
+    assert_same(step(tiny_model(), batch), dense)
     monkeypatch.undo()
-    with torch.no_grad():
-        torch.testing.assert_close(lp.detach(), token_logprobs(tiny_model(), batch, all_tokens=True,
-                                                                attn="bias"), atol=1e-5, rtol=0)
     flex = tiny_model("flex_attention")
     assert resolve_attn(flex, batch, "auto") == "flex"
     with pytest.raises(ValueError, match="attn must be one of"):
@@ -130,6 +131,25 @@ def test_auto_picks_the_path_by_size(monkeypatch):
         token_logprobs(flex, batch, attn="chunked")
     with pytest.raises(ValueError, match="flex_attention"):
         token_logprobs(tiny_model(), batch, attn="flex")
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["auto", "chunked"])
+def test_a_causal_layout_runs_without_a_mask(monkeypatch, impl, attn):
+    """A batch whose layout hides nothing (sequential rows, right padding) is plain causal attention: no mask is
+    built, and logprobs and gradients are the dense mask's."""
+    gs = [npr_env.ExecutionGraph.from_text(SEQUENTIAL, prompt="A longer prompt.", layout="sequential"),
+          npr_env.ExecutionGraph.from_text(SEQUENTIAL[: len(SEQUENTIAL) // 2], prompt="Q", layout="sequential")]
+    batch = build_batch([Sample.from_graph(g) for g in gs])
+    assert policy.layout_is_causal(batch) and not batch.valid.all()
+    assert not policy.layout_is_causal(batch_of_three())
+    dense = step(tiny_model(impl), batch, attn="bias")
+
+    def no_mask(*a, **k):
+        raise AssertionError("a causal layout built a mask")
+
+    monkeypatch.setattr(L, "_mark_hidden", no_mask)
+    assert_same(step(tiny_model(impl), batch, attn=attn, attn_chunk=16), dense)
 
 
 def test_a_switched_model_is_an_sdpa_model_for_every_other_call(tmp_path):

@@ -13,6 +13,7 @@ from npr_env.rewards import (
     format_score,
     papo_reward,
     score,
+    score_many,
     stage1_reward,
     trl_accuracy_reward,
     trl_format_reward,
@@ -92,6 +93,27 @@ def test_score_presets_from_graphs():
     assert set(REWARD_PRESETS) >= {"stage1", "papo", "accuracy"}
     with pytest.raises(ValueError, match="unknown reward preset"):
         score("nope", g, "26")
+
+
+def test_score_many_is_score_over_a_batch():
+    """The batched scorer (the trainer's: verdicts on all verifier workers at once) gives score()'s results,
+    for texts and graphs, every preset, answers the fast path settles and ones only math-verify can."""
+    tuple_block = format_block(["A", "B"], ["A = 1+2 = 3", "B = 4"], "A=3 B=4")
+    texts = [VALID, VALID_WRONG, ONE_PLAN, NO_ANSWER, PLAIN, "", tuple_block + "\\boxed{(3,4)}",
+             tuple_block + "\\boxed{(4,3)}", tuple_block + "\\boxed{(3, 5)}"]
+    golds = ["26"] * 6 + ["(3,4)"] * 3
+    truncated = [False, True, False, False, False, False, False, True, False]
+    graphs = [npr_env.ExecutionGraph.from_text(t, constraints="strict") for t in texts]
+    for preset in REWARD_PRESETS:
+        for responses in (texts, graphs):
+            want = [score(preset, r, g, truncated=t) for r, g, t in zip(responses, golds, truncated)]
+            assert score_many(preset, responses, golds, truncated) == want
+    assert [r.correct for r in score_many("papo", texts, golds, truncated)] == [
+        True, False, True, False, True, False, True, False, False]
+    with pytest.raises(ValueError, match="unknown reward preset"):
+        score_many("nope", texts, golds)
+    with pytest.raises(ValueError, match="gold answers"):
+        score_many("papo", texts, golds[:-1])
 
 
 def test_graph_from_token_ids_with_prompt_and_eos():

@@ -10,7 +10,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from npr_env.verify import answers_match, extract_answer, fast_verdict, normalize, verify, verify_many, warmup
+from npr_env.verify import (
+    answers_match,
+    extract_answer,
+    fast_verdict,
+    math_verify_equal,
+    normalize,
+    verify,
+    verify_many,
+    warmup,
+)
 
 GOLDEN = [json.loads(line) for line in (Path(__file__).parent / "data" / "verify_golden.jsonl").open()]
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
@@ -69,6 +78,24 @@ def test_fast_path_never_contradicts_golden():
             continue
         v = fast_verdict(pred.strip(), c["gold"])
         assert v is None or v is c["expected"], c
+
+
+@pytest.mark.parametrize("pred,gold,want", [
+    ("(40,28,25,22)", "(40,28,25,22)", True), ("(40, 28, 25, 22)", "(40,28,25,22)", True),
+    ("(40,28,25,21)", "(40,28,25,22)", False), ("(28,40,25,22)", "(40,28,25,22)", False),
+    ("(2,1)", "(1,2)", False), ("(1,3)", "(1,2)", False), ("(1,2,3)", "(1,2)", False),
+    ("(2/4,3)", "(1/2,3)", True), ("(-4,7)", "(-4,7)", True), ("(-4,7)", "(4,7)", False),
+])
+def test_fast_path_on_tuples_of_exact_numbers_is_math_verify(pred, gold, want):
+    """Group-sum answers are tuples of integers: settled without a worker, with math-verify's verdict."""
+    assert fast_verdict(pred, gold) is want
+    assert math_verify_equal(pred, gold) is want
+
+
+@pytest.mark.parametrize("pred,gold", [("(1,000)", "(1,0)"), ("(0.5,2)", "(1/2,2)"), ("(x,2)", "(1,2)"),
+                                       ("[1,2)", "(1,2)"), ("(1,2)", "\\{1,2\\}")])
+def test_fast_path_leaves_ambiguous_tuples_to_math_verify(pred, gold):
+    assert fast_verdict(pred, gold) is None
 
 
 def test_in_process_mode_agrees_on_safe_cases():
