@@ -95,7 +95,14 @@ class ModelRunner:
         self._rope_table_ok = rope.get("rope_type", rope.get("type", "default")) in (
             "default", "linear", "llama3", "yarn")
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reset_counters()
         self.bind()
+
+    def reset_counters(self) -> None:
+        """Zero the decode counters: forwards prepared by :meth:`prepare_decode`, and the KV slots their key
+        index gathers (each layer gathers that many K and V rows; padding and repeats included)."""
+        self.decode_forwards = 0
+        self.decode_kv_slots = 0
 
     @property
     def device(self) -> torch.device:
@@ -135,6 +142,8 @@ class ModelRunner:
             bias = torch.zeros((B, 1, 1, L), dtype=self.dtype, device=dev)
             bias.masked_fill_(pad.view(B, 1, 1, L), NEG_INF)
         slots = [int(t.slots[t.n - 1]) for t in tables]
+        self.decode_forwards += 1
+        self.decode_kv_slots += keys.numel()
         return StepInput(torch.tensor(tokens, device=dev).view(B, 1), torch.tensor(positions, device=dev).view(B, 1),
                          torch.tensor(slots, device=dev), keys.to(dev), bias)
 
