@@ -10,6 +10,8 @@ of 64, MLP 1664, tied embeddings) over the shipped NPR tokenizer, fp32, ``torch.
   ``ideal_speedup_k*`` = total tokens / critical-path tokens; ``parallel_efficiency_k*`` = measured / ideal.
 * ``kv_peak_over_ideal``: peak KV bytes held by the pool / KV bytes of (prompt + every token once), the shared
   prefix counted once; the worst over k (also reported per k).
+* ``kv_slots_per_decode`` (per case, in ``detail``): KV slots the engine's decode forwards gather per forward
+  (per layer, K and V each, padding included): a count that does not depend on the machine's load.
 
 Timing: this machine is shared, and a burst of other work can stretch a run many times over. Every run
 records the duration of each of its steps (the engine's scheduler steps; HF ``generate``'s steps through a
@@ -154,8 +156,11 @@ def vs_hf(model, eng, batch: int, prompt_len: int, new_tokens: int, reps: int, q
         ts = [t0] + clock.t  # step 0: prefill and the first token
         return out, [(0, ts[1] - ts[0])] + [(batch, b - a) for a, b in zip(ts[1:], ts[2:])]
 
+    stats = {}
+
     def ours():
         out = eng.generate(prompts, params, mode="sequential")
+        stats.update(eng.last_stats)
         return out, eng.last_stats["step_log"]
 
     hf(), ours()  # warm-up (first-call allocations, caches)
@@ -169,7 +174,8 @@ def vs_hf(model, eng, batch: int, prompt_len: int, new_tokens: int, reps: int, q
             "ratio": res["hf"]["steady"] / res["engine"]["steady"],
             "ratio_wall": res["hf"]["wall"] / res["engine"]["wall"],
             "hf_wall_s": res["hf"]["wall"], "engine_wall_s": res["engine"]["wall"],
-            "same_tokens": same, "tokens": n_en, "clean": all(v["clean"] > 0 for v in res.values())}
+            "same_tokens": same, "tokens": n_en, "kv_slots_per_decode": stats["kv_slots_per_decode"],
+            "clean": all(v["clean"] > 0 for v in res.values())}
 
 
 def trajectory(tok, k: int, step_len: int) -> list[int]:
@@ -223,6 +229,8 @@ def parallel_speedup(eng, tok, k: int, step_len: int, prompt_len: int, reps: int
             "tokens": s.total_tokens, "critical_path": s.critical_path_tokens,
             "par_steps": r_par.decode_steps, "seq_steps": r_seq.decode_steps,
             "kv_peak_over_ideal": stats["parallel"]["peak_kv_bytes"] / ideal_bytes,
+            "kv_slots_per_decode_par": stats["parallel"]["kv_slots_per_decode"],
+            "kv_slots_per_decode_seq": stats["sequential"]["kv_slots_per_decode"],
             "clean": all(v["clean"] > 0 for v in res.values())}
 
 
@@ -285,12 +293,14 @@ def main(argv=None) -> dict:
     for b in ("batch1", "batch16"):
         d = detail[b]
         print(f"  {b}: engine {d['engine_tok_s']:.1f} tok/s, HF generate {d['hf_tok_s']:.1f} tok/s (steady); "
-              f"wall-clock ratio {d['ratio_wall']:.3f}; same tokens: {d['same_tokens']}")
+              f"wall-clock ratio {d['ratio_wall']:.3f}; same tokens: {d['same_tokens']}; "
+              f"KV slots gathered per decode forward {d['kv_slots_per_decode']:.0f}")
     for k in (2, 4, 8):
         d = detail[f"k{k}"]
         print(f"  k={k}: {d['tokens']} tokens, critical path {d['critical_path']}, sequential {d['seq_s']:.2f} s "
               f"({d['seq_steps']} steps), parallel {d['par_s']:.2f} s ({d['par_steps']} steps); "
-              f"wall-clock speedup {d['speedup_wall']:.3f}")
+              f"wall-clock speedup {d['speedup_wall']:.3f}; KV slots gathered per decode forward: "
+              f"parallel {d['kv_slots_per_decode_par']:.0f}, sequential {d['kv_slots_per_decode_seq']:.0f}")
     print(f"  {quiet.rejected} disturbed runs repeated; every figure from undisturbed runs: "
           f"{out['setup']['all_clean']}; {out['setup']['bench_s']:.0f} s")
     if args.json:

@@ -16,6 +16,9 @@
   recomputed. The half-empty last blocks of the children, and the parent's formerly shared last block, are
   referenced by the parent alone after the join, so the parent's next tokens fill those holes before it
   takes a fresh block: a forked trajectory holds about as many blocks as its tokens need.
+* **Reads**: the runner gathers K/V from the pool by slot (a copy per layer). A decode step gathers each distinct
+  slot that some row of a share group sees once for the group (the shared prefix once, not once per sibling
+  or sample), and each row sees exactly the slots its table lists (see :mod:`engine.runner`).
 * **Release** returns every reference once. Decref'ing a free block, or releasing a table twice, raises
   :class:`KVCacheError`; :meth:`BlockPool.assert_all_free` finds leaks.
 """

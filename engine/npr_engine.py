@@ -206,6 +206,7 @@ class NPREngine:
             log.warning("NPREngine: a rollout may reach %d tokens but the KV pool holds %d (%s); one that outgrows "
                         "it alone ends 'aborted'", longest, self.pool_info.num_tokens, self.pool_info.describe())
         self.runner.bind()
+        self.runner.reset_counters()
         stop = stops_on_violation(self.stop_on_violation, mode, self.constraints)
         self.pool.reset_peak()
         t0 = time.perf_counter()
@@ -218,6 +219,9 @@ class NPREngine:
             "num_tokens": sum(r.num_tokens for r in rollouts), "step_log": sched.step_log,
             "preemptions": sched.preemptions, "kv_pool_blocks": self.pool.num_blocks,
             "kv_pool_source": self.pool_info.source,
+            # KV slots the decode forwards gathered (per layer, K and V each), and per decode forward
+            "decode_forwards": self.runner.decode_forwards, "kv_slots_gathered": self.runner.decode_kv_slots,
+            "kv_slots_per_decode": self.runner.decode_kv_slots / max(1, self.runner.decode_forwards),
         }
         return rollouts
 

@@ -11,9 +11,22 @@ Because it holds references to the module's parameter tensors, never copies (re-
 fused or not, ``load_state_dict``) is seen by the next rollout with nothing to synchronise.
 
 One call (:meth:`ModelRunner.forward`) runs ``B`` rows of ``Q`` new tokens each (decode: ``Q == 1``; prefill
-or forced chunks: ``Q > 1``, right-padded). Each row's keys are a gather of its block table's slots
-(``key_index [B, Lk]``), with an additive float bias for padding and causality. GQA is handled by folding the
-query heads of one KV group into the query-length axis, so K/V are never repeated.
+or forced chunks: ``Q > 1``, right-padded). The linear layers (QKV, O, MLP) run on the packed rows. Attention
+reads K/V through a gather from the pool (``index_select`` per layer: a copy, not a view):
+
+* prefill and forced runs (:meth:`ModelRunner.prepare_extend`): each row gathers its own table's slots
+  (``key_index [B, Lk]``), with an additive float bias for padding and causality;
+* decode (:meth:`ModelRunner.prepare_decode`): rows are put in *share groups* (:func:`share_groups`: the samples
+  of one prompt, the siblings of one request), and each group gathers the union of its rows' visible slots,
+  each slot once (``key_index [G, Lu]``): a slot shared by k rows is copied once per step and per layer, not k
+  times. The group's queries are scattered into ``[G, Qmax]`` for attention only, each row masked by a 0 / -inf
+  bias to exactly the slots its own block table lists, and gathered back. When grouping would gather no fewer
+  slots (independent prompts: one row per group), the decode step is the per-row gather, as for extends.
+  A gather of each distinct visible slot remains, once per group and per step; so do the padding slots
+  (scratch) of groups shorter than the longest.
+
+GQA is handled by folding the query heads of one KV group into the query-length axis, so K/V are never repeated.
+The runner counts what its decode forwards gather (:attr:`ModelRunner.decode_kv_slots`).
 
 The scheduler reserves the KV slots of the new tokens in each row's block table; :meth:`ModelRunner.prepare_decode`
 (one token per row) and :meth:`ModelRunner.prepare_extend` (several: a prefill chunk, a forced run) turn those
@@ -44,6 +57,62 @@ class StepInput:
     key_index: torch.Tensor  # [B, Lk]
     attn_bias: torch.Tensor | None  # [B, 1, Q, Lk] or None
     out_index: torch.Tensor | None = None  # [B] or [B, K]
+    q_index: torch.Tensor | None = None  # [B]: a decode row's place in the [G * Qmax] share-group queries
+
+
+# A share group's union costs (1 + ATTN_PER_ROW * rows) per union slot (one gather; the scores of every row, the
+# masked ones included), against (1 + ATTN_PER_ROW) per slot that each row gathers for itself: on CPU and GPU
+# alike, copying a slot's K/V out of the pool costs an order of magnitude more than scoring it for one more row.
+ATTN_PER_ROW = 1 / 16
+
+
+def share_groups(views: list[np.ndarray]) -> list[tuple[list[int], np.ndarray, list[np.ndarray]]]:
+    """Group decode rows by the KV slots their tables share. ``views[r]``: row ``r``'s visible slots, in order.
+
+    Returns ``(rows, union, cols)`` per group: ``union`` holds each slot that a row of the group sees, once (the
+    rows' common prefix first, in order, then the other slots, sorted); ``cols[j]`` are the columns of ``union``
+    that row ``rows[j]`` sees: exactly the slots its own table lists. Rows start in one group per first slot
+    (the samples of one prompt share its first block); a group too sparse for its union to pay
+    (:data:`ATTN_PER_ROW`) is split by the first slot after its common prefix (a request's siblings share
+    their parent's slots), down to single rows."""
+    first: dict[int, list[int]] = {}
+    for r, v in enumerate(views):
+        first.setdefault(int(v[0]), []).append(r)
+    out: list = []
+    for rows in first.values():
+        _split(views, rows, 1, out)
+    return out
+
+
+def _split(views, rows: list[int], start: int, out: list) -> None:
+    """``rows`` share (at least) their first ``start`` slots."""
+    ref = views[rows[0]]
+    if len(rows) == 1:
+        out.append((rows, ref, [np.arange(len(ref))]))
+        return
+    p = len(ref)
+    for r in rows[1:]:
+        v = views[r]
+        m = min(p, len(v))
+        neq = np.flatnonzero(v[start:m] != ref[start:m])
+        p = start + int(neq[0]) if len(neq) else m
+    rests = [views[r][p:] for r in rows]
+    total = sum(len(views[r]) for r in rows)
+    uniq, inv = np.unique(np.concatenate(rests), return_inverse=True)
+    width = p + len(uniq)
+    if width * (1 + ATTN_PER_ROW * len(rows)) <= total * (1 + ATTN_PER_ROW):
+        prefix, cols, a = np.arange(p), [], 0
+        for x in rests:
+            cols.append(np.concatenate([prefix, p + inv[a:a + len(x)]]))
+            a += len(x)
+        out.append((rows, np.concatenate([ref[:p], uniq]), cols))
+        return
+    by: dict[int, list[int]] = {}  # at least two keys: some rows differ at p, or one ends there (-1)
+    for r in rows:
+        v = views[r]
+        by.setdefault(int(v[p]) if len(v) > p else -1, []).append(r)
+    for sub in by.values():
+        _split(views, sub, p, out)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -95,7 +164,14 @@ class ModelRunner:
         self._rope_table_ok = rope.get("rope_type", rope.get("type", "default")) in (
             "default", "linear", "llama3", "yarn")
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reset_counters()
         self.bind()
+
+    def reset_counters(self) -> None:
+        """Zero the decode counters: forwards prepared by :meth:`prepare_decode`, and the KV slots their key
+        index gathers (each layer gathers that many K and V rows; padding and repeats included)."""
+        self.decode_forwards = 0
+        self.decode_kv_slots = 0
 
     @property
     def device(self) -> torch.device:
@@ -116,12 +192,42 @@ class ModelRunner:
         return self.embed.shape[0]
 
     # -- batches ---------------------------------------------------------------------------------------------
-    def prepare_decode(self, pool, tables, tokens: list[int], positions: list[int]) -> StepInput:
-        """One new token per row; each table already holds its slot (the last one)."""
+    def prepare_decode(self, pool, tables, tokens: list[int], positions: list[int], share: bool = True) -> StepInput:
+        """One new token per row; each table already holds its slot (the last one).
+
+        Rows whose tables share slots (the samples of one prompt, the sibling branches of one request) are put
+        in one *share group* (:func:`share_groups`): the group's key index is the union of its rows' visible
+        slots, each slot once, and each row's view of it an additive bias (0 / -inf) built from its own table.
+        The grouped plan is used only when it gathers fewer slots than one key row per table (``B x Lmax``);
+        otherwise (independent prompts, one row per group), or with ``share=False``, the step is the per-row one:
+        each row gathers its own table's slots."""
         dev = self.device
         B = len(tables)
         lens = [t.n for t in tables]
         L = max(lens)
+        slots = [int(t.slots[t.n - 1]) for t in tables]
+        ids = torch.tensor(tokens, device=dev).view(B, 1)
+        pos = torch.tensor(positions, device=dev).view(B, 1)
+        write = torch.tensor(slots, device=dev)
+        groups = share_groups([t.slot_view() for t in tables]) if share and B > 1 else None
+        if groups is not None and len(groups) < B:
+            G, Qm, Lu = len(groups), max(len(g[0]) for g in groups), max(len(g[1]) for g in groups)
+            if G * Lu < B * L:
+                idx = np.full((G, Lu), pool.scratch_slot, dtype=np.int64)
+                vis = np.zeros((G, Qm, Lu), dtype=bool)
+                q_index = np.empty(B, dtype=np.int64)
+                for gi, (rows, union, cols) in enumerate(groups):
+                    idx[gi, :len(union)] = union
+                    for j, (r, c) in enumerate(zip(rows, cols)):
+                        vis[gi, j, c] = True
+                        q_index[r] = gi * Qm + j
+                    vis[gi, len(rows):, :] = True  # padding queries: any finite row (their output is dropped)
+                bias = torch.zeros((G, 1, Qm, Lu), dtype=self.dtype, device=dev)
+                bias.masked_fill_(~torch.from_numpy(vis).to(dev).view(G, 1, Qm, Lu), NEG_INF)
+                self.decode_forwards += 1
+                self.decode_kv_slots += idx.size
+                return StepInput(ids, pos, write, torch.from_numpy(idx).to(dev), bias,
+                                 q_index=torch.from_numpy(q_index).to(dev))
         if B == 1:
             keys = torch.from_numpy(tables[0].slots[:L]).view(1, L)
         else:
@@ -134,9 +240,9 @@ class ModelRunner:
             pad = torch.arange(L, device=dev)[None, :] >= torch.tensor(lens, device=dev)[:, None]
             bias = torch.zeros((B, 1, 1, L), dtype=self.dtype, device=dev)
             bias.masked_fill_(pad.view(B, 1, 1, L), NEG_INF)
-        slots = [int(t.slots[t.n - 1]) for t in tables]
-        return StepInput(torch.tensor(tokens, device=dev).view(B, 1), torch.tensor(positions, device=dev).view(B, 1),
-                         torch.tensor(slots, device=dev), keys.to(dev), bias)
+        self.decode_forwards += 1
+        self.decode_kv_slots += keys.numel()
+        return StepInput(ids, pos, write, keys.to(dev), bias)
 
     def prepare_extend(self, pool, tables, tokens: list[list[int]], positions: list[list[int]],
                        every: bool = False) -> StepInput:
@@ -170,7 +276,7 @@ class ModelRunner:
 
     def run(self, pool, inp: StepInput) -> torch.Tensor:
         return self.forward(pool, inp.input_ids, inp.positions, inp.write_slots, inp.key_index, inp.attn_bias,
-                            inp.out_index)
+                            inp.out_index, inp.q_index)
 
     def bind(self) -> None:
         """(Re)read references to the live module's parameters; called at the start of every generate."""
@@ -217,7 +323,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, pool, input_ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
                 key_index: torch.Tensor, attn_bias: torch.Tensor | None,
-                out_index: torch.Tensor | None = None) -> torch.Tensor:
+                out_index: torch.Tensor | None = None, q_index: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``B`` rows of ``Q`` new tokens; return logits ``[B, V]`` at query ``out_index[b]`` (default: last),
         or ``[B, K, V]`` at queries ``out_index[b, :]`` when it is ``[B, K]``.
 
@@ -225,14 +331,19 @@ class ModelRunner:
         (padding writes to the pool's scratch slot). key_index: ``[B, Lk]`` slots each row attends to, the
         new tokens included. attn_bias: ``[B, 1, Q, Lk]`` additive float (0 / -inf), or None when no row
         needs masking (decode rows of equal length).
+
+        Share-group decode (``Q == 1``, ``q_index`` given): key_index is ``[G, Lk]``, one union of slots per
+        group, attn_bias ``[G, 1, Qmax, Lk]`` (query ``j`` of group ``i``: what its row sees), and
+        ``q_index[b] = i * Qmax + j`` places row ``b``; the output is back in row order.
         """
         B, Q = input_ids.shape
         H, KV, D, g = self.num_heads, self.kv_heads, self.head_dim, self.group
-        Lk = key_index.shape[1]
+        Bk, Lk = key_index.shape  # Bk: B, or G share groups of Qm queries (decode with q_index)
+        Qm = attn_bias.shape[2] if q_index is not None else Q
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary_cos_sin(x, positions)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, Q, 1, D]: broadcast over heads
-        if attn_bias is not None and Q > 1 and g > 1:  # query row q*g + j is head j of query q
+        if attn_bias is not None and Qm > 1 and g > 1:  # query row q*g + j is head j of query q
             attn_bias = attn_bias.repeat_interleave(g, dim=2)
         flat_keys = key_index.reshape(-1)
         hidden = x.shape[-1]
@@ -247,11 +358,15 @@ class ModelRunner:
             kf, vf = pool.k_flat[i], pool.v_flat[i]
             kf.index_copy_(0, write_slots, k.flatten(0, 1))
             vf.index_copy_(0, write_slots, v.flatten(0, 1))
-            keys = kf.index_select(0, flat_keys).view(B, Lk, KV, D).transpose(1, 2)  # [B, KV, Lk, D]
-            vals = vf.index_select(0, flat_keys).view(B, Lk, KV, D).transpose(1, 2)
-            qg = q.reshape(B, Q, KV, g, D).permute(0, 2, 1, 3, 4).reshape(B, KV, Q * g, D)
+            keys = kf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)  # [Bk, KV, Lk, D]
+            vals = vf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)
+            if q_index is not None:  # scatter the rows' queries into their groups (padding queries: zeros)
+                q = q.new_zeros((Bk * Qm, H, D)).index_copy_(0, q_index, q.view(B, H, D))
+            qg = q.reshape(Bk, Qm, KV, g, D).permute(0, 2, 1, 3, 4).reshape(Bk, KV, Qm * g, D)
             o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=attn_bias, scale=self.scale)
-            o = o.view(B, KV, Q, g, D).permute(0, 2, 1, 3, 4).reshape(B * Q, H * D)
+            o = o.view(Bk, KV, Qm, g, D).permute(0, 2, 1, 3, 4).reshape(Bk * Qm, H * D)
+            if q_index is not None:  # back to the packed rows
+                o = o.index_select(0, q_index)
             # residual adds fused into the projections' GEMMs (x + o @ W^T)
             x = torch.addmm(x.view(B * Q, hidden), o, L.o.t())
             if L.o_b is not None:

@@ -1,0 +1,124 @@
+"""Decode share groups: each row's view of its group's union is exactly its own table; the grouped decode
+forward gives the per-row forward's logits; the grouped plan gathers each shared slot once."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engine.kv_cache import BlockPool, BlockTable
+from engine.runner import ModelRunner, share_groups
+
+
+def forest(seed: int, pool: BlockPool) -> list[BlockTable]:
+    """Prompt tables forked into samples, samples forked into siblings (nested too), some joined back."""
+    rng = random.Random(seed)
+    live: list[BlockTable] = []
+    dead: list[BlockTable] = []
+    for _ in range(rng.randint(1, 4)):
+        prompt = BlockTable(pool)
+        for _ in range(rng.randint(1, 13)):
+            prompt.append_slot()
+        for _ in range(rng.randint(1, 4)):
+            s = prompt.fork()
+            for _ in range(rng.randint(0, 9)):
+                s.append_slot()
+            live.append(s)
+        dead.append(prompt)
+    for _ in range(rng.randint(0, 6)):  # forks, growth and joins among the live tables
+        t = rng.choice(live)
+        op = rng.random()
+        if op < 0.5:
+            kids = [t.fork() for _ in range(rng.randint(2, 4))]
+            for k in kids:
+                for _ in range(rng.randint(1, 7)):
+                    k.append_slot()
+            if rng.random() < 0.4:
+                t.join(kids)
+                dead.extend(kids)
+            else:
+                live.remove(t)
+                dead.append(t)
+                live.extend(kids)
+        else:
+            for _ in range(rng.randint(1, 5)):
+                t.append_slot()
+    for t in live:
+        t.append_slot()  # each decode row's new token
+    return live, dead
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_each_row_sees_exactly_its_own_slots(seed):
+    pool = BlockPool(512, block_size=4)
+    live, dead = forest(seed, pool)
+    views = [t.slot_view() for t in live]
+    groups = share_groups(views)
+    seen = sorted(r for rows, _, _ in groups for r in rows)
+    assert seen == list(range(len(live)))
+    for rows, union, cols in groups:
+        assert len(np.unique(union)) == len(union)  # each slot once
+        for r, c in zip(rows, cols):
+            assert len(np.unique(c)) == len(c)
+            assert np.array_equal(np.sort(union[c]), np.sort(views[r]))
+            # the common prefix keeps its order: it is the start of every row's view
+            n_pre = next((i for i in range(len(union)) if any(i >= len(views[x]) or views[x][i] != union[i]
+                                                              for x in rows)), len(union))
+            assert np.array_equal(c[:n_pre], np.arange(n_pre))
+    for t in live + dead:
+        if not t.released:
+            t.release()
+    pool.assert_all_free()
+
+
+def test_siblings_of_one_prompt_share_one_union():
+    pool = BlockPool(64, block_size=4)
+    prompt = BlockTable(pool)
+    for _ in range(10):
+        prompt.append_slot()
+    kids = [prompt.fork() for _ in range(4)]
+    for k in kids:
+        k.append_slot()
+    (rows, union, cols), = share_groups([k.slot_view() for k in kids])
+    assert rows == [0, 1, 2, 3] and len(union) == 14  # 10 shared slots once, then one own slot per row
+    assert np.array_equal(union[:10], prompt.slot_view())
+
+
+def _tiny_runner():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+    return ModelRunner(Qwen3ForCausalLM(cfg).eval())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grouped_decode_equals_per_row_decode(seed):
+    runner = _tiny_runner()
+    pool = BlockPool(512, block_size=4, num_layers=runner.num_layers, kv_heads=runner.kv_heads,
+                     head_dim=runner.head_dim)
+    for kf, vf in zip(pool.k_flat, pool.v_flat):  # arbitrary cached K/V in every slot the tables list
+        kf[:-4].normal_()
+        vf[:-4].normal_()
+    live, dead = forest(seed, pool)
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, 97, len(live)).tolist()
+    pos = [int(p) for p in rng.integers(0, 200, len(live))]
+    k0 = [kf.clone() for kf in pool.k_flat]
+    per_row = runner.run(pool, runner.prepare_decode(pool, live, toks, pos, share=False))
+    before = runner.decode_kv_slots
+    inp = runner.prepare_decode(pool, live, toks, pos)
+    grouped_slots = runner.decode_kv_slots - before
+    for kf, k in zip(pool.k_flat, k0):
+        kf.copy_(k)
+    grouped = runner.run(pool, inp)
+    assert torch.allclose(grouped, per_row, atol=1e-5, rtol=0)
+    assert grouped_slots <= before  # never more gathered than one key row per table
+    assert (inp.q_index is not None) == (grouped_slots < before)
+    if seed in (0, 5):  # forests with several samples per prompt: the grouped plan is taken
+        assert inp.q_index is not None
+    for t in live + dead:
+        if not t.released:
+            t.release()
