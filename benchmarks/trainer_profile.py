@@ -25,10 +25,11 @@ import cProfile
 import io
 import json
 import pstats
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from benchmarks.trainer_speed import make_arm
 
 PHASES = ("rollout", "reward", "batch", "forward", "backward", "optimizer", "other")
 
@@ -74,16 +75,14 @@ def instrument_modules() -> None:
     """Timers around the module functions ``rl_step`` reaches (looked up at call time); once per process."""
     import torch
 
-    import engine.orchestration as O
-    import npr_agent.distributed as D
+    import npr_agent.updates as U
     import npr_env.rewards as R
 
     _wrap(R, "score", "reward")
-    if hasattr(R, "score_many"):
-        _wrap(R, "score_many", "reward")
-    _wrap(D, "build_batch", "batch")
-    _wrap(O, "training_sample", "batch")
-    _wrap(D, "token_logprobs", "forward")
+    _wrap(R, "score_many", "reward")
+    _wrap(U, "build_batch", "batch")
+    _wrap(U, "training_sample", "batch")
+    _wrap(U, "token_logprobs", "forward")
     _wrap(torch.nn.utils, "clip_grad_norm_", "optimizer")
 
 
@@ -93,24 +92,6 @@ def instrument_arm(trainer, engine, opt) -> None:
     _wrap(trainer.dist, "backward", "backward")
     _wrap(opt, "step", "optimizer")
     _wrap(opt, "zero_grad", "optimizer")
-
-
-def make_arm(model_dir: str, mode: str, prompts: int, group: int, max_new: int, threads: int):
-    import torch
-
-    from npr_agent.algorithms import make_algorithm
-    from npr_agent.config import preset
-    from npr_agent.trainer import NPRTrainer
-
-    cfg = preset("tiny")
-    cfg.model.path, cfg.threads, cfg.tasks.eval_size = model_dir, threads, 1
-    rl = cfg.stage3
-    rl.mode, rl.prompts_per_step, rl.group_size, rl.max_new_tokens = mode, prompts, group, max_new
-    t = NPRTrainer(cfg, tempfile.mkdtemp(prefix="npr-profile-run-"), show_progress=False)
-    model = t.fresh_model()
-    algo = make_algorithm("papo", temperature=rl.temperature)
-    opt = torch.optim.AdamW(model.parameters(), lr=rl.lr)
-    return t, model, t.engine(model), algo, opt, rl
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -29,7 +29,8 @@ from pathlib import Path
 MODES = ("parallel", "sequential")
 
 
-def _arm(model_dir: str, mode: str, prompts: int, group: int, max_new: int, threads: int):
+def make_arm(model_dir: str, mode: str, prompts: int, group: int, max_new: int, threads: int):
+    """One RL arm on the tiny preset's stage 3: trainer, fresh model, its engine, PAPO, AdamW and the RL config."""
     import torch
 
     from npr_agent.algorithms import make_algorithm
@@ -40,7 +41,7 @@ def _arm(model_dir: str, mode: str, prompts: int, group: int, max_new: int, thre
     cfg.model.path, cfg.threads, cfg.tasks.eval_size = model_dir, threads, 1
     rl = cfg.stage3
     rl.mode, rl.prompts_per_step, rl.group_size, rl.max_new_tokens = mode, prompts, group, max_new
-    t = NPRTrainer(cfg, tempfile.mkdtemp(prefix="npr-speed-run-"), show_progress=False)
+    t = NPRTrainer(cfg, tempfile.mkdtemp(prefix="npr-bench-run-"), show_progress=False)
     model = t.fresh_model()
     algo = make_algorithm("papo", temperature=rl.temperature)
     opt = torch.optim.AdamW(model.parameters(), lr=rl.lr)
@@ -50,7 +51,7 @@ def _arm(model_dir: str, mode: str, prompts: int, group: int, max_new: int, thre
 def ours(model_dir: str, steps: int, prompts: int, group: int, max_new: int, threads: int,
          modes=MODES) -> dict[str, dict[str, float]]:
     """Per mode: seconds per step and the work a step did, the modes alternating step by step."""
-    arms = {m: _arm(model_dir, m, prompts, group, max_new, threads) for m in modes}
+    arms = {m: make_arm(model_dir, m, prompts, group, max_new, threads) for m in modes}
     for t, model, engine, algo, opt, rl in arms.values():
         t.rl_step("stage3", 0, model, engine, algo, opt, rl)  # warm-up, untimed
     acc = {m: {"s": 0.0, "tokens": 0.0, "decode_steps": 0.0, "updated": 0.0} for m in modes}
