@@ -1,15 +1,17 @@
-"""The ``npr`` command: ``train``, ``rollout`` and ``eval``.
+"""The ``npr`` command: ``train``, ``rollout``, ``eval`` and ``ablate``.
 
     npr train --preset tiny                       # all stages on CPU; TensorBoard under runs/
     npr train --config configs/qwen3-4b.toml --stage stage3 --out runs/q4b --resume
     npr train --preset tiny --smoke               # every stage for a couple of steps (CI)
     npr rollout --model runs/tiny-s0/stage3 -n 3  # print and render a few rollouts of a checkpoint
     npr eval --model runs/tiny-s0/stage3 --benchmarks math500,amc23 --data-dir ../shared/benchmarks
+    npr ablate --from runs/src --out runs/ablate --seeds 0,1,2   # the paper's comparisons (npr_agent.ablation)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -114,6 +116,32 @@ def cmd_eval(args, rest: list[str]) -> int:
     return eval_main(rest)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_ablate(args) -> int:
+    from . import ablation
+
+    cfg = ablation.AblationConfig(
+        source=args.source, out=args.out, seeds=args.seeds,
+        arms=tuple(a.strip() for a in args.arms.split(",")) if args.arms else tuple(ablation.ARMS),
+        sampled_tokens=args.sampled_tokens, max_steps=args.max_steps, eval_every=args.eval_every,
+        eval_size=args.eval_size, speed_problems=args.speed_problems, threads=args.threads,
+        overrides=tuple(args.set or ()), show_progress=not args.quiet)
+    if args.report_only:
+        results = [json.loads(p.read_text()) for p in sorted(Path(cfg.out).glob("*/seed*/arm.json"))]
+        if not results:
+            raise ConfigError(f"--report-only: no finished arm under {cfg.out}")
+        ablation.report(cfg, [r for r in results if r["arm"] in cfg.arms and r["seed"] in cfg.seeds])
+        return 0
+    ablation.run(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="npr", description="Native Parallel Reasoning: train, roll out, evaluate.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -141,6 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-instruction", dest="instruction", action="store_false")
     r.add_argument("--render-dir", help="also write a PNG of each graph here")
     sub.add_parser("eval", help="benchmarks (see `npr eval --help`)", add_help=False)
+    a = sub.add_parser("ablate", help="the paper's comparisons over seeds, from one stage-1 run")
+    a.add_argument("--from", dest="source", required=True,
+                   help="a run with stage0, stage1 and stage2_data.jsonl (npr train --stage stage0,stage1,stage2)")
+    a.add_argument("--out", required=True, help="output folder: <arm>/seed<N>/ runs, ablation.md/.json/.png")
+    a.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="comma-separated (default 0,1,2)")
+    a.add_argument("--arms", help="comma-separated subset of: npr-beta, sr-beta, papo, grpo, dapo, reinforce, sr, "
+                                  "no-rl (default: all)")
+    a.add_argument("--sampled-tokens", type=int, default=400_000,
+                   help="equal compute: each RL arm's sampling budget, and no-rl's SFT tokens (default 400000)")
+    a.add_argument("--max-steps", type=int, default=400, help="cap on RL steps per arm")
+    a.add_argument("--eval-every", type=int, default=10, help="RL steps between held-out evals (the curves)")
+    a.add_argument("--eval-size", type=int, default=256, help="held-out problems per arm and seed")
+    a.add_argument("--speed-problems", type=int, default=64, help="problems decoded per mode for tokens/s")
+    a.add_argument("--threads", type=int, help="torch threads (default: the source run's)")
+    a.add_argument("--set", action="append", metavar="KEY=VALUE", help="a config override for every arm")
+    a.add_argument("--report-only", action="store_true", help="rebuild the table and plot from finished arms")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -154,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.cmd == "rollout":
             return cmd_rollout(args)
+        if args.cmd == "ablate":
+            return cmd_ablate(args)
     except (ConfigError, FileNotFoundError, TaskFormatError) as e:
         print(f"npr {args.cmd}: error: {e}", file=sys.stderr)
         return 2

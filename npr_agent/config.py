@@ -92,6 +92,12 @@ class Stage0Config(SFTConfig):
 
     steps: int = 700
     parallel_fraction: float = 0.2
+    # Layouts the parallel-style solutions train under. "sequential": causal text only, so the seed never sees
+    # the parallel layout before stage 2. "both": each is also trained under the parallel layout (a step
+    # starts where its siblings start and sees none of them). Measured (docs/results.md): "both" lets the
+    # seed restate a later step's group under the parallel layout (teacher-forced 0.00 -> 0.61), but it
+    # writes the format worse as causal text (0.68 -> 0.46) and stage 1 then collapses; not the default.
+    parallel_layout: Literal["both", "sequential"] = "sequential"
     # Write the seed's solutions with the tags as ordinary text pieces, as an instruct model that has never
     # seen the tag tokens writes them (a BPE vocabulary; the char tokenizer has no pieces to spell them in).
     spelled_tags: bool = False
@@ -118,6 +124,9 @@ class RLConfig:
     # papo: strict, accuracy: relaxed); the engine builds its graphs under strict rules in every stage
     reward: str = "papo"
     eval_every: int = 10
+    # stop once the rollouts have sampled this many tokens in all (every branch counts; 0: no budget, `steps`
+    # only): arms that decode differently compare at equal sampling compute (npr ablate)
+    sampled_tokens: int = 0
 
 
 @dataclass
@@ -154,6 +163,9 @@ class Stage2Config(SFTConfig):
     # rejection/from_solutions). Only procedural tasks have them; off for real models.
     min_kept: int = 64
     fill_from_solutions: bool = True
+    # the layout SFT trains the kept trajectories under, and the mode stage 2 is evaluated in: "parallel" is
+    # NPR-Beta; "sequential" trains the same trajectories as causal text (the paper's SR-Beta baseline)
+    layout: EngineMode = "parallel"
 
 
 @dataclass
@@ -339,8 +351,10 @@ def load_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
             import yaml
 
             data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":  # a run's own config.json
+            data = json.loads(text)
         else:
-            raise ConfigError(f"{path}: config files are .toml or .yaml")
+            raise ConfigError(f"{path}: config files are .toml, .yaml or a run's config.json")
     except ConfigError:
         raise
     except Exception as e:  # a parse error names the file and the parser's own line/column
@@ -466,12 +480,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _number(f"{name}.grad_clip", s.grad_clip, float, 0, lo_open=True)
         _number(f"{name}.checkpoint_every", s.checkpoint_every, int, 0)
     _number("stage0.parallel_fraction", cfg.stage0.parallel_fraction, float, 0, 1)
+    _one_of("stage0.parallel_layout", cfg.stage0.parallel_layout, ("both", "sequential"))
+    if cfg.stage0.spelled_tags and cfg.stage0.parallel_layout == "both":
+        raise ConfigError("stage0.parallel_layout: 'both' needs every tag as its tag token, and "
+                          "stage0.spelled_tags = true writes them in text pieces; set stage0.parallel_layout = "
+                          "'sequential'")
     s2 = cfg.stage2
     for f in ("num_problems", "tries", "tries_per_round", "max_new_tokens", "epochs_cap"):
         _number(f"stage2.{f}", getattr(s2, f), int, 1)
     for f in ("target_kept", "max_problems", "min_kept"):
         _number(f"stage2.{f}", getattr(s2, f), int, 0)
     _number("stage2.temperature", s2.temperature, float, 0)
+    _one_of("stage2.layout", s2.layout, ENGINE_MODES)
     for name in ("stage1", "stage3"):
         r = getattr(cfg, name)
         _one_of(f"{name}.algorithm", r.algorithm, tuple(ALGORITHMS))
@@ -485,7 +505,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _one_of(f"{name}.reward", r.reward, tuple(REWARD_PRESETS))
         for f in ("steps", "prompts_per_step", "group_size", "micro_batch_size", "max_new_tokens"):
             _number(f"{name}.{f}", getattr(r, f), int, 1)
-        for f in ("warmup_steps", "top_k", "eval_every"):
+        for f in ("warmup_steps", "top_k", "eval_every", "sampled_tokens"):
             _number(f"{name}.{f}", getattr(r, f), int, 0)
         _number(f"{name}.lr", r.lr, float, 0, lo_open=True)
         _number(f"{name}.grad_clip", r.grad_clip, float, 0, lo_open=True)

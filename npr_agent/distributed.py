@@ -207,7 +207,7 @@ class Dist:
     def reduce_metrics(self, metrics: dict[str, float], weight: float = 1.0) -> dict[str, float]:
         """Every rank's scalars combined (call on every rank; rank 0 logs the result).
 
-        ``loss/*``, ``tokens``, ``batch/kept`` and ``perf/tokens_per_s`` add up; keys ending in ``_max``,
+        ``loss/*``, ``tokens``, ``batch/kept``, ``perf/sampled_tokens`` and ``perf/tokens_per_s`` add up; keys ending in ``_max``,
         ``policy/logprob_mismatch`` and timings (``perf/*_s``) take the max; everything else is a mean weighted by
         ``weight`` (the rank's number of rollouts or samples). A key missing on a rank is combined over the
         others.
@@ -221,7 +221,7 @@ class Dist:
         out: dict[str, float] = {}
         for k in keys:
             vals = [(float(m[k]), w) for m, w in parts if k in m]
-            if k.startswith("loss/") or k in ("tokens", "batch/kept", "perf/tokens_per_s"):
+            if k.startswith("loss/") or k in ("tokens", "batch/kept", "perf/sampled_tokens", "perf/tokens_per_s"):
                 out[k] = sum(v for v, _ in vals)
             elif k.endswith("_max") or k == "policy/logprob_mismatch" or (k.startswith("perf/") and k.endswith("_s")):
                 out[k] = max(v for v, _ in vals)

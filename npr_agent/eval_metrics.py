@@ -81,6 +81,20 @@ def parallel_rate(items: Iterable, valid: Iterable[bool] | None = None) -> float
     return sum(is_parallel(x) for x in items) / len(items)
 
 
+def rollout_stats(graphs: Sequence, valid: Sequence[bool]) -> dict[str, float]:
+    """The trainer's parallel scalars over the VALID rollouts: ``parallel/rate`` (:func:`parallel_rate`),
+    ``parallel/branches_mean`` (branches per block) and ``parallel/speedup_ideal`` (total ÷ critical-path tokens)."""
+    vs = [g.stats for g, ok in zip(graphs, valid) if ok]
+    if not vs:
+        return {"parallel/rate": 0.0, "parallel/branches_mean": 0.0, "parallel/speedup_ideal": 1.0}
+    branches = [b for s in vs for b in branches_per_block(s)]
+    return {
+        "parallel/rate": float(parallel_rate(vs)),
+        "parallel/branches_mean": sum(branches) / len(branches) if branches else 0.0,
+        "parallel/speedup_ideal": sum(s.ideal_speedup for s in vs) / len(vs),
+    }
+
+
 @dataclass
 class SampleRecord:
     """One generated sample, as graded and measured (one line of ``samples.jsonl``)."""

@@ -45,6 +45,21 @@ class RunLogger:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **clean}) + "\n")
 
+    def total(self, stage: str, key: str, until_step: int) -> float:
+        """The sum of ``key`` over ``stage``'s logged rows with ``step <= until_step`` (what a resumed stage has
+        already spent)."""
+        if not self.metrics_path.exists():
+            return 0.0
+        out = 0.0
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                continue
+            if row.get("stage") == stage and row.get("step", 0) <= until_step and key in row:
+                out += float(row[key])
+        return out
+
     def drop_after(self, stage: str, time_s: float) -> int:
         """Remove ``stage``'s rows written after ``time_s`` (a resumed stage re-runs those steps, so each step is
         logged once); returns how many were removed. The file is rewritten atomically."""

@@ -40,6 +40,7 @@ from . import checkpoint as ckpt
 from .algorithms import RolloutInfo, make_algorithm
 from .config import ConfigError, RLConfig, SFTConfig, TrainConfig, validate
 from .distributed import LOCAL, Dist, unwrap
+from .eval_metrics import rollout_stats
 from .files import atomic_write_jsonl, atomic_write_text
 from .logger import RunLogger, plot_summary, postfix, progress
 from .policy import Sample
@@ -127,19 +128,6 @@ class EvalResult:
                 f"{prefix}/parallel_rate": self.parallel_rate, f"{prefix}/branches_mean": self.branches_mean,
                 f"{prefix}/speedup_ideal": self.speedup_ideal, f"{prefix}/total_tokens": self.total_tokens,
                 f"{prefix}/critical_path": self.critical_path}
-
-
-def rollout_stats(graphs: list[ExecutionGraph], valid: list[bool]) -> dict[str, float]:
-    """Parallel rate = share of VALID rollouts with a block of >= 2 branches; the rest is over valid ones too."""
-    vs = [g.stats for g, ok in zip(graphs, valid) if ok]
-    if not vs:
-        return {"parallel/rate": 0.0, "parallel/branches_mean": 0.0, "parallel/speedup_ideal": 1.0}
-    branches = [b for s in vs for b in s.branches_per_block]
-    return {
-        "parallel/rate": float(np.mean([s.is_parallel for s in vs])),
-        "parallel/branches_mean": float(np.mean(branches)) if branches else 0.0,
-        "parallel/speedup_ideal": float(np.mean([s.ideal_speedup for s in vs])),
-    }
 
 
 class NPRTrainer:
@@ -335,6 +323,8 @@ class NPRTrainer:
             for p in self.problems("stage0", step, cfg.batch_size):
                 style = "parallel" if rng.random() < rng_frac else "sequential"
                 out.append(self.sft_sample(p, p.solutions[style], layout="sequential", spelled=cfg.spelled_tags))
+                if style == "parallel" and cfg.parallel_layout == "both":
+                    out.append(self.sft_sample(p, p.solutions[style], layout="parallel"))
             return out
 
         self.sft("stage0", model, data, cfg)
@@ -342,9 +332,13 @@ class NPRTrainer:
         return model
 
     def sft_sample(self, p: Problem, response: str, layout: str, spelled: bool = False) -> Sample:
-        """An SFT sample of ``response``; ``spelled`` writes its tags in ordinary pieces (not tag tokens)."""
+        """An SFT sample of ``response`` under ``layout``; ``spelled`` writes its tags in ordinary pieces (not tag
+        tokens). The parallel layout trains the token form the engine decodes (``parallel_ids``), as stage 2 does."""
         prompt = self.prompt_ids(p)
-        resp = self.tokenizer.encode(response, add_special_tokens=False, split_special_tokens=spelled)
+        if layout == "parallel":
+            resp = parallel_ids(response, self.tokenizer)
+        else:
+            resp = self.tokenizer.encode(response, add_special_tokens=False, split_special_tokens=spelled)
         resp = resp + [self.tokenizer.eos_token_id]
         g = ExecutionGraph.from_token_ids(prompt + resp, self.tokenizer, prompt_len=len(prompt),
                                           constraints="relaxed", layout=layout)
@@ -414,17 +408,7 @@ class NPRTrainer:
             if self.dist.is_main:  # every rank sampled the same; one writes (atomically: resume trusts it)
                 atomic_write_jsonl(data_path, kept)
         self.dist.barrier()
-        rows = [row for _, row in npr_env.tasks.iter_rows(data_path, what="stage-2 trajectories")]
-        if not rows:
-            raise RuntimeError("stage2: rejection sampling kept no trajectory (no correct, format-perfect sample); "
-                               "train stage 1 longer or raise stage2.tries")
-        samples = []
-        for r in rows:  # SFT reads the tag-token form; files from before it was recorded hold only the sampled one
-            resp = r.get("tagged_ids", r["response_ids"])
-            g = ExecutionGraph.from_token_ids(r["prompt_ids"] + resp, self.tokenizer,
-                                              prompt_len=len(r["prompt_ids"]), constraints="strict",
-                                              layout="parallel")
-            samples.append(Sample.from_graph(g))
+        samples = self.stage2_samples(cfg.layout)
         model = self.seed_model()
         self._add_tags(model)
         steps = min(cfg.steps, max(1, cfg.epochs_cap * len(samples) // cfg.batch_size))
@@ -435,9 +419,24 @@ class NPRTrainer:
             return [samples[rng.randrange(len(samples))] for _ in range(cfg.batch_size)]
 
         self.sft("stage2", model, data, sft_cfg)
-        self._finish_stage("stage2", model, self.evaluate(model, "stage2", mode="parallel"),
+        self._finish_stage("stage2", model, self.evaluate(model, "stage2", mode=cfg.layout),
                            {"kept": len(samples), "sft_steps": steps})
         return model
+
+    def stage2_samples(self, layout: str) -> list[Sample]:
+        """The kept trajectories of ``stage2_data.jsonl`` as SFT samples under ``layout``."""
+        data_path = self.run_dir / "stage2_data.jsonl"
+        rows = [row for _, row in npr_env.tasks.iter_rows(data_path, what="stage-2 trajectories")]
+        if not rows:
+            raise RuntimeError("stage2: rejection sampling kept no trajectory (no correct, format-perfect sample); "
+                               "train stage 1 longer or raise stage2.tries")
+        samples = []
+        for r in rows:  # SFT reads the tag-token form; files from before it was recorded hold only the sampled one
+            resp = r.get("tagged_ids", r["response_ids"])
+            g = ExecutionGraph.from_token_ids(r["prompt_ids"] + resp, self.tokenizer,
+                                              prompt_len=len(r["prompt_ids"]), constraints="strict", layout=layout)
+            samples.append(Sample.from_graph(g))
+        return samples
 
     def _add_tags(self, model) -> None:
         """Make every tag a single special token with a mean-of-subtokens embedding (a no-op when it is already)."""
@@ -533,7 +532,7 @@ class NPRTrainer:
         model = self.load_stage("stage2")
         self._add_tags(model)
         self.rl("stage3", model, self.cfg.stage3)
-        self._finish_stage("stage3", model, self.evaluate(model, "stage3", mode="parallel"))
+        self._finish_stage("stage3", model, self.evaluate(model, "stage3", mode=self.cfg.stage3.mode))
         return model
 
     # -- RL (stages 1 and 3) ---------------------------------------------------------------------------------
@@ -550,18 +549,25 @@ class NPRTrainer:
         bar.update(start)
         if start == 0:
             self.logger.log(stage, 0, self.start_eval(stage, model, cfg.mode).scalars())
+        # sampling compute so far (cfg.sampled_tokens budget); a resumed stage re-reads it from its logged steps
+        spent = self.logger.total(stage, "perf/sampled_tokens", until_step=start) if start else 0.0
         for step in range(start, cfg.steps):
             m = self.rl_step(stage, step, model, engine, algo, opt, cfg)
+            spent += m["perf/sampled_tokens"]
+            m["perf/sampled_tokens_total"] = spent
+            last = step == cfg.steps - 1 or (cfg.sampled_tokens and spent >= cfg.sampled_tokens)
             if m["batch/updated"]:
                 sched.step()
                 self.sync_engine(engine, model)
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step < cfg.steps - 1:  # the stage's own
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:  # the stage's own
                 # final eval (run_stage*) is logged at the last step
                 m.update(self.evaluate(model, stage, mode=cfg.mode, log=False).scalars())
             self.logger.log(stage, step + 1, m)
             bar.set_postfix(postfix(m))
             bar.update(1)
             self._checkpoint(stage, step + 1, self.cfg.checkpoint_every, model, opt, sched)
+            if last:
+                break
         bar.close()
 
     def rl_step(self, stage, step, model, engine, algo, opt, cfg: RLConfig) -> dict[str, float]:
@@ -593,6 +599,7 @@ class NPRTrainer:
             "length/critical_path": float(np.mean([r.graph.stats.critical_path_tokens for r in rollouts])),
             "length/truncated_rate": float(np.mean([r.truncated for r in rollouts])),
             "perf/rollout_s": rollout_s,
+            "perf/sampled_tokens": float(sum(len(r.token_ids) for r in rollouts)),
             "perf/tokens_per_s": sum(len(r.token_ids) for r in rollouts) / max(rollout_s, 1e-9),
             "batch/kept": float(prep.keep.sum()),
             **rollout_stats([r.graph for r in rollouts], valid),

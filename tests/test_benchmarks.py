@@ -335,3 +335,19 @@ def test_perf_train_step_is_a_real_papo_step_on_forced_parallel_rollouts():
     r = ratios({"skipped": "not measured here"}, t)
     assert r["train.rollout_share_of_step"] + r["train.update_share_of_step"] <= 1.0 + 1e-9
     assert not any(k.startswith("engine.") for k in r)
+
+
+def test_error_kinds_names_the_first_faulty_step():
+    from benchmarks.error_kinds import classify
+    from npr_env.tasks import GroupSumTasks
+
+    p = GroupSumTasks(seed=0, split="test").sample(1)[0]
+    sol = p.solutions["parallel"]
+    assert classify(p.question, sol, valid=True) == "reduce"  # every step right: a wrong answer is the reduce's
+    assert classify(p.question, sol, valid=False) == "invalid"
+    first = sol.index("<step>1: ") + len("<step>1: A=")
+    d = sol[first]
+    other = "1" if d != "1" else "2"
+    assert classify(p.question, sol[:first] + other + sol[first + 1:], valid=True) == "copy"
+    eq = sol.index("=", sol.index(":", first)) + 1  # the first sum's result
+    assert classify(p.question, sol[:eq] + "9" + sol[eq:], valid=True) == "arithmetic"

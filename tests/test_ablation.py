@@ -1,0 +1,104 @@
+"""`npr ablate`: every arm from one source run, equal sampling budgets, the report; and the pieces it adds to the
+trainer (stage 2's layout, the RL token budget, stage 0's parallel layout)."""
+
+import json
+
+import numpy as np
+import pytest
+from test_trainer import rows, tiny_cfg
+
+from npr_agent import ablation
+from npr_agent.cli import main as npr_main
+from npr_agent.config import ConfigError, validate
+from npr_agent.trainer import NPRTrainer
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """Stages 0-2 of a very small run: the seed, the stage-1 model and the kept trajectories."""
+    cfg = tiny_cfg()
+    cfg.stage2.min_kept = 8  # an untrained stage 1 solves nothing: worked solutions give stage 2 its data
+    run = tmp_path_factory.mktemp("src") / "run"
+    NPRTrainer(cfg, run, show_progress=False).run(("stage0", "stage1", "stage2"))
+    return run
+
+
+def test_stage0_trains_parallel_solutions_under_the_parallel_layout(source):
+    t = NPRTrainer(tiny_cfg(), source, resume=True, show_progress=False)
+    p = t.problems("stage0", 0, 1)[0]
+    par = t.sft_sample(p, p.solutions["parallel"], layout="parallel")
+    seq = t.sft_sample(p, p.solutions["parallel"], layout="sequential")
+    # the steps restart at one position in the parallel layout; as text they run on
+    assert par.layout.position_ids.max() < seq.layout.position_ids.max()
+    assert np.array_equal(seq.layout.position_ids, np.arange(len(seq.prompt_ids) + len(seq.token_ids)))
+
+
+def test_spelled_tags_need_stage0_to_train_causal_text_only():
+    cfg = tiny_cfg()
+    cfg.stage0.spelled_tags, cfg.stage0.parallel_layout = True, "both"
+    with pytest.raises(ConfigError, match="stage0.parallel_layout"):
+        validate(cfg)
+    cfg.stage0.parallel_layout = "sequential"
+    validate(cfg)
+
+
+def test_stage2_layout_sequential_trains_causal_text(source):
+    t = NPRTrainer(tiny_cfg(), source, resume=True, show_progress=False)
+    for s in t.stage2_samples("sequential"):
+        n = len(s.prompt_ids) + len(s.token_ids)
+        assert np.array_equal(s.layout.position_ids, np.arange(n))
+    par = t.stage2_samples("parallel")
+    assert any(s.layout.position_ids.max() < len(s.prompt_ids) + len(s.token_ids) - 1 for s in par)
+
+
+def test_rl_stops_at_its_sampled_token_budget(source, tmp_path):
+    cfg = tiny_cfg()
+    cfg.stage3.steps, cfg.stage3.sampled_tokens = 50, 1  # the first step spends more than the budget
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("stage0", "stage1", "stage2", "stage2_data.jsonl"):
+        (run / name).symlink_to(source / name)
+    NPRTrainer(cfg, run, show_progress=False).run(("stage3",))
+    steps = [r for r in rows(run, "stage3").values() if "perf/sampled_tokens" in r]
+    assert len(steps) == 1 and steps[0]["perf/sampled_tokens_total"] == steps[0]["perf/sampled_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_ablate_smoke_every_arm_one_seed(source, tmp_path):
+    """`npr ablate` end to end with one seed and a few steps per arm: a result per arm, the table, the JSON,
+    the PNG and a TensorBoard run per arm; running it again reads the finished arms back."""
+    out = tmp_path / "abl"
+    argv = ["ablate", "--from", str(source), "--out", str(out), "--seeds", "0", "--sampled-tokens", "400",
+            "--max-steps", "3", "--eval-every", "1", "--eval-size", "4", "--speed-problems", "2", "--threads", "1",
+            "--quiet", "--set", "stage3.prompts_per_step=2", "--set", "stage3.group_size=2"]
+    assert npr_main(argv) == 0
+    doc = json.loads((out / "ablation.json").read_text())
+    assert set(doc["arms"]) == set(ablation.ARMS)
+    by = {r["arm"]: r for r in doc["runs"]}
+    for name, arm in ablation.ARMS.items():
+        r = by[name]
+        assert r["mode"] == arm.mode and r["eval_n"] == 4
+        assert r["tokens_per_s_parallel"] > 0 and r["tokens_per_s_sequential"] > 0
+        assert (out / name / "seed0" / "tb").is_dir()
+        if arm.stage == "stage3" and name != "no-rl":  # the budget ends the arm, or the step cap does
+            assert 1 <= r["rl_steps"] <= 3
+            assert r["sampled_tokens"] >= 400 or r["rl_steps"] == 3
+    assert by["no-rl"]["sft_tokens"] >= 400 and by["no-rl"]["rl_steps"] == 0
+    md = (out / "ablation.md").read_text()
+    assert all(f"| {name} |" in md for name in ablation.ARMS)
+    assert (out / "ablation.png").stat().st_size > 10_000
+    mtime = (out / "papo" / "seed0" / "arm.json").stat().st_mtime
+    assert npr_main(argv) == 0  # finished arms are read back, not retrained
+    assert (out / "papo" / "seed0" / "arm.json").stat().st_mtime == mtime
+
+
+def test_ablate_refuses_a_folder_that_is_not_a_source_run(tmp_path, capsys):
+    rc = npr_main(["ablate", "--from", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2
+    assert "not a source run for npr ablate (no config.json)" in capsys.readouterr().err
+
+
+def test_ablate_names_an_unknown_arm(source, tmp_path, capsys):
+    rc = npr_main(["ablate", "--from", str(source), "--out", str(tmp_path / "o"), "--arms", "papo,ppo", "--quiet"])
+    assert rc == 2
+    assert "unknown arm(s) ppo" in capsys.readouterr().err
