@@ -134,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = load_tokenizer(ModelConfig(path=str(model_dir)))
         res = {"run": str(run), "stage": args.stage, "n": args.n,
                **copy_probe(load_pretrained(model_dir).eval(), tok, args.n)}
-        print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2))
-        return 0
+        return _emit(res, args.json)
     rows = [json.loads(line) for line in (run / "heldout.jsonl").read_text().splitlines()][: args.n]
     problems = [Problem(id=r["id"], question=r["question"], answer=r["answer"], source="groupsum") for r in rows]
     tok = load_tokenizer(ModelConfig(path=str(model_dir)))
@@ -157,9 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         counts[classify(p.question, r.graph.response_text(), bool(res.valid))] += 1
     out = {"run": str(run), "stage": args.stage, "mode": args.mode, "n": len(problems),
            "accuracy": correct / max(1, len(problems)), **{k: counts[k] for k in KINDS}}
-    print(" | ".join(f"{k} {v}" if not isinstance(v, float) else f"{k} {v:.3f}" for k, v in out.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    return _emit(out, args.json)
+
+
+def _emit(res: dict, json_path: str | None) -> int:
+    """One line of ``key value`` pairs on stdout; the same as JSON at ``json_path``."""
+    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(res, indent=2))
     return 0
 
 

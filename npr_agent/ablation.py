@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, SFTConfig, TrainConfig, apply_overrides, load_file, validate
+from .config import ConfigError, TrainConfig, apply_overrides, load_file, validate
 from .files import atomic_write_text
 from .logger import read_metrics
 
@@ -93,16 +93,15 @@ class AblationConfig:
     show_progress: bool = True
 
 
-def source_config(cfg: AblationConfig) -> TrainConfig:
+def check_source(cfg: AblationConfig) -> None:
+    """A clear error unless ``cfg.source`` holds what every arm starts from."""
     src = Path(cfg.source)
     for need in ("config.json", "stage1/DONE", "stage2_data.jsonl"):
         if not (src / need).exists():
             raise ConfigError(f"{src}: not a source run for npr ablate (no {need}); run "
                               f"npr train --stage stage0,stage1,stage2 --out {src} first")
-    base = load_file(src / "config.json")
-    if base.model.path is None and not (src / "stage0" / "DONE").exists():
+    if load_file(src / "config.json").model.path is None and not (src / "stage0" / "DONE").exists():
         raise ConfigError(f"{src}: no finished stage0 (the seed model every SFT arm starts from)")
-    return base
 
 
 def arm_config(cfg: AblationConfig, arm: Arm, seed: int) -> TrainConfig:
@@ -141,15 +140,14 @@ def run_arm(cfg: AblationConfig, arm: Arm, seed: int) -> dict:
         if (src / name).exists():
             _link(src / name, d / name)
     tc = arm_config(cfg, arm, seed)
-    summary = {}
     if arm.stage == "stage3":  # from this seed's SFT arm: its checkpoint and its eval (the RL start point)
         beta = arm_dir(cfg, arm.start, seed)
         if not (beta / "arm.json").exists():
             run_arm(cfg, ARMS[arm.start], seed)
         _link(beta / "stage2", d / "stage2")
-        summary = {"stage2": json.loads((beta / "summary.json").read_text())["stage2"]}
         if not (d / "summary.json").exists():
-            atomic_write_text(d / "summary.json", json.dumps(summary, indent=2))
+            start = json.loads((beta / "summary.json").read_text())["stage2"]
+            atomic_write_text(d / "summary.json", json.dumps({"stage2": start}, indent=2))
     t0 = time.time()
     trainer = NPRTrainer(tc, d, resume=True, show_progress=cfg.show_progress)
     if arm.name == "no-rl":
@@ -158,13 +156,14 @@ def run_arm(cfg: AblationConfig, arm: Arm, seed: int) -> dict:
         trainer.run((arm.stage,))
         model = trainer.load_stage(arm.stage)
     train_s = time.time() - t0
-    ev = json.loads((d / "summary.json").read_text())[arm.stage]["eval"]
+    entry = json.loads((d / "summary.json").read_text())[arm.stage]
+    ev = entry["eval"]
     speed = decode_speed(trainer, model, cfg.speed_problems)
     rows = [r for r in read_metrics(d / "metrics.jsonl") if r.get("stage") == arm.stage]
     sampled = max((r.get("perf/sampled_tokens_total", 0.0) for r in rows), default=0.0)
     out = {"arm": arm.name, "seed": seed, "stage": arm.stage, "mode": ev.get("mode", arm.mode), "train_s": train_s,
            "sampled_tokens": sampled if arm.stage == "stage3" and arm.name != "no-rl" else 0.0,
-           "sft_tokens": float(json.loads((d / "summary.json").read_text())[arm.stage].get("sft_tokens", 0)),
+           "sft_tokens": float(entry.get("sft_tokens", 0)),
            "rl_steps": sum(1 for r in rows if "perf/sampled_tokens" in r),
            "accuracy": ev["accuracy"], "valid_rate": ev["valid_rate"], "parallel_rate": ev["parallel_rate"],
            "speedup_ideal": ev["speedup_ideal"], "eval_n": ev["n"], **speed}
@@ -175,21 +174,19 @@ def run_arm(cfg: AblationConfig, arm: Arm, seed: int) -> dict:
 def continued_sft(trainer, tokens: int):
     """``no-rl``: stage-2 SFT continued from NPR-Beta on the kept trajectories, at stage 2's final learning rate
     (constant), until it has trained on ``tokens`` response tokens; saved and evaluated as its stage 3."""
-    import random
+    from .trainer import resampled, sft_config
 
     cfg = trainer.cfg.stage2
     samples = trainer.stage2_samples("parallel")
     per_sample = float(np.mean([len(s.token_ids) for s in samples]))
     steps = max(1, math.ceil(tokens / (per_sample * cfg.batch_size)))
-    sft_cfg = SFTConfig(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig)},
-                           "steps": steps, "lr": cfg.lr * cfg.min_lr_ratio, "warmup_ratio": 0.0,
-                           "min_lr_ratio": 1.0})
+    sft_cfg = sft_config(cfg, steps=steps, lr=cfg.lr * cfg.min_lr_ratio, warmup_ratio=0.0, min_lr_ratio=1.0)
     model = trainer.load_stage("stage2")
+    draw = resampled(samples, cfg.batch_size, seed=trainer.cfg.seed * 15485863)
     trained = [0]
 
     def data(step: int):
-        rng = random.Random(trainer.cfg.seed * 15485863 + step)
-        batch = [samples[rng.randrange(len(samples))] for _ in range(cfg.batch_size)]
+        batch = draw(step)
         trained[0] += sum(len(s.token_ids) for s in batch)
         return batch
 
@@ -227,7 +224,7 @@ def decode_speed(trainer, model, n: int) -> dict[str, float]:
 
 def run(cfg: AblationConfig) -> dict:
     """Every arm for every seed (finished ones are read back), then the report."""
-    source_config(cfg)
+    check_source(cfg)
     unknown = [a for a in cfg.arms if a not in ARMS]
     if unknown:
         raise ConfigError(f"--arms: unknown arm(s) {', '.join(unknown)}; arms are {', '.join(ARMS)}")

@@ -45,20 +45,21 @@ class RunLogger:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **clean}) + "\n")
 
+    def _lines(self):
+        """``(line, row)`` for each line of metrics.jsonl; ``row`` is None for a line cut by a kill mid-write."""
+        if not self.metrics_path.exists():
+            return
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                yield line, json.loads(line)
+            except json.JSONDecodeError:
+                yield line, None
+
     def total(self, stage: str, key: str, until_step: int) -> float:
         """The sum of ``key`` over ``stage``'s logged rows with ``step <= until_step`` (what a resumed stage has
         already spent)."""
-        if not self.metrics_path.exists():
-            return 0.0
-        out = 0.0
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill mid-write
-                continue
-            if row.get("stage") == stage and row.get("step", 0) <= until_step and key in row:
-                out += float(row[key])
-        return out
+        return sum(float(row[key]) for _, row in self._lines()
+                   if row is not None and row.get("stage") == stage and row.get("step", 0) <= until_step and key in row)
 
     def drop_after(self, stage: str, time_s: float) -> int:
         """Remove ``stage``'s rows written after ``time_s`` (a resumed stage re-runs those steps, so each step is
@@ -68,10 +69,8 @@ class RunLogger:
         if not self.metrics_path.exists():
             return 0
         keep, dropped = [], 0
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill mid-write
+        for line, row in self._lines():
+            if row is None:  # a line cut by a kill mid-write
                 dropped += 1
                 continue
             if row.get("stage") == stage and row.get("time", 0.0) > time_s:

@@ -130,6 +130,22 @@ class EvalResult:
                 f"{prefix}/critical_path": self.critical_path}
 
 
+def sft_config(cfg: SFTConfig, **changes) -> SFTConfig:
+    """The plain SFT settings of ``cfg`` (a stage's config, a subclass), with ``changes``."""
+    return SFTConfig(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig)}, **changes})
+
+
+def resampled(samples: list[Sample], batch_size: int, seed: int):
+    """``data(step)`` for :meth:`NPRTrainer.sft`: ``batch_size`` samples drawn with replacement, a pure function of
+    ``seed + step`` (a resumed run draws the same batches)."""
+
+    def data(step: int) -> list[Sample]:
+        rng = random.Random(seed + step)
+        return [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
+
+    return data
+
+
 class NPRTrainer:
     """Runs the stages of one training run in ``run_dir``."""
 
@@ -412,13 +428,8 @@ class NPRTrainer:
         model = self.seed_model()
         self._add_tags(model)
         steps = min(cfg.steps, max(1, cfg.epochs_cap * len(samples) // cfg.batch_size))
-        sft_cfg = SFTConfig(**{**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SFTConfig)}, "steps": steps})
-
-        def data(step: int) -> list[Sample]:
-            rng = random.Random(self.cfg.seed * 104729 + step)
-            return [samples[rng.randrange(len(samples))] for _ in range(cfg.batch_size)]
-
-        self.sft("stage2", model, data, sft_cfg)
+        data = resampled(samples, cfg.batch_size, seed=self.cfg.seed * 104729)
+        self.sft("stage2", model, data, sft_config(cfg, steps=steps))
         self._finish_stage("stage2", model, self.evaluate(model, "stage2", mode=cfg.layout),
                            {"kept": len(samples), "sft_steps": steps})
         return model
@@ -583,6 +594,7 @@ class NPRTrainer:
         with self.dist.full_weights(model):  # FSDP2: whole weights for the engine
             rollouts = engine.generate(prompts, params, mode=cfg.mode)
         rollout_s = time.time() - t0
+        sampled = sum(len(r.token_ids) for r in rollouts)
         results = R.score_many(cfg.reward, [r.graph for r in rollouts], golds, [r.truncated for r in rollouts])
         infos = [RolloutInfo(reward=res.reward, group_id=g, length=len(r.token_ids), truncated=r.truncated,
                              dropped=res.dropped) for res, r, g in zip(results, rollouts, groups)]
@@ -599,8 +611,8 @@ class NPRTrainer:
             "length/critical_path": float(np.mean([r.graph.stats.critical_path_tokens for r in rollouts])),
             "length/truncated_rate": float(np.mean([r.truncated for r in rollouts])),
             "perf/rollout_s": rollout_s,
-            "perf/sampled_tokens": float(sum(len(r.token_ids) for r in rollouts)),
-            "perf/tokens_per_s": sum(len(r.token_ids) for r in rollouts) / max(rollout_s, 1e-9),
+            "perf/sampled_tokens": float(sampled),
+            "perf/tokens_per_s": sampled / max(rollout_s, 1e-9),
             "batch/kept": float(prep.keep.sum()),
             **rollout_stats([r.graph for r in rollouts], valid),
             **{k: float(v) for k, v in prep.metrics.items()},
