@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,21 @@ def check_source(cfg: AblationConfig) -> None:
                               f"npr train --stage stage0,stage1,stage2 --out {src} first")
     if load_file(src / "config.json").model.path is None and not (src / "stage0" / "DONE").exists():
         raise ConfigError(f"{src}: no finished stage0 (the seed model every SFT arm starts from)")
+
+
+CEILING = 0.9  # a source whose stage 2 is this good leaves the RL arms little to separate them by
+
+
+def ceiling_note(source: str | Path) -> str | None:
+    """A warning when the source run's stage 2 already sits near the ceiling (None otherwise, or unknown)."""
+    try:
+        acc = json.loads((Path(source) / "summary.json").read_text())["stage2"]["eval"]["accuracy"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(acc, (int, float)) or acc < CEILING:
+        return None
+    return (f"{source}: stage 2 ended at {acc:.3f}, so every arm starts near the ceiling and the arms will "
+            f"hardly differ; a source whose stage 2 is in 0.6-0.8 leaves room (docs/results.md, npr ablate)")
 
 
 def arm_config(cfg: AblationConfig, arm: Arm, seed: int) -> TrainConfig:
@@ -230,6 +246,9 @@ def run(cfg: AblationConfig) -> dict:
         raise ConfigError(f"--arms: unknown arm(s) {', '.join(unknown)}; arms are {', '.join(ARMS)}")
     if not cfg.seeds:
         raise ConfigError("--seeds: give at least one seed")
+    note = ceiling_note(cfg.source)
+    if note:
+        print(f"[ablate] warning: {note}", file=sys.stderr)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     order = sorted(cfg.arms, key=lambda a: ARMS[a].stage)  # SFT arms first: the RL arms start from npr-beta

@@ -102,3 +102,12 @@ def test_ablate_names_an_unknown_arm(source, tmp_path, capsys):
     rc = npr_main(["ablate", "--from", str(source), "--out", str(tmp_path / "o"), "--arms", "papo,ppo", "--quiet"])
     assert rc == 2
     assert "unknown arm(s) ppo" in capsys.readouterr().err
+
+
+def test_a_source_at_the_ceiling_gets_a_warning(tmp_path):
+    assert ablation.ceiling_note(tmp_path) is None  # no summary: nothing to say
+    for acc, warned in ((0.73, False), (0.96, True)):
+        (tmp_path / "summary.json").write_text(json.dumps({"stage2": {"eval": {"accuracy": acc}}}))
+        note = ablation.ceiling_note(tmp_path)
+        assert (note is not None) == warned
+    assert "0.960" in note and "0.6-0.8" in note

@@ -59,6 +59,21 @@ def test_rl_resume_gives_the_same_batch_and_loss(tmp_path):
         assert a[3][key] == pytest.approx(b[3][key], abs=1e-6), key
 
 
+def test_held_out_evals_inside_an_rl_stage_do_not_change_its_training(tmp_path):
+    """An eval decodes greedily on its own engine, so skipping one (stage1.eval_every = 0) saves its time only."""
+    runs = {}
+    for every in (1, 0):
+        cfg = tiny_cfg()
+        cfg.stage1.eval_every = every
+        NPRTrainer(cfg, tmp_path / str(every), show_progress=False).run(("stage0", "stage1"))
+        runs[every] = rows(tmp_path / str(every), "stage1")
+    assert "accuracy/eval" in runs[1][1] and "accuracy/eval" not in runs[0][1]
+    for step in (1, 2, 3):
+        for key in ("reward/mean", "length/total_tokens", "loss/policy", "policy/grad_norm", "policy/approx_kl"):
+            if key in runs[0][step]:
+                assert runs[1][step][key] == runs[0][step][key], (step, key)
+
+
 def test_rejection_sampling_draws_more_problems_until_target_kept(tmp_path):
     """Below `target_kept`, stage 2 samples further batches of fresh problems, up to `max_problems`."""
     cfg = tiny_cfg()
@@ -107,6 +122,20 @@ def test_cli_smoke_entry_point(tmp_path):
                    "--set", "model.num_layers=1", "--set", "threads=1"])
     assert rc == 0
     assert (tmp_path / "cli" / "stage0" / "DONE").exists()
+
+
+def test_the_stage2_budget_config_changes_only_its_budget():
+    """configs/tiny-stage2-budget.toml (docs/results.md) is the tiny preset with the fields it names, nothing else."""
+    cfg, tiny = load_file("configs/tiny-stage2-budget.toml"), preset("tiny")
+    assert (cfg.stage0.parallel_fraction, cfg.stage0.steps, cfg.stage1.steps) == (0.5, 600, 16)
+    assert (cfg.stage2.target_kept, cfg.stage2.epochs_cap, cfg.stage2.steps) == (350, 48, 500)
+    assert (cfg.stage3.steps, cfg.stage3.eval_every) == (60, 30)
+    for part, field in (("stage0", "parallel_fraction"), ("stage0", "steps"), ("stage1", "steps"),
+                        ("stage2", "target_kept"), ("stage2", "epochs_cap"), ("stage2", "steps"),
+                        ("stage3", "steps"), ("stage3", "eval_every")):
+        setattr(getattr(cfg, part), field, getattr(getattr(tiny, part), field))
+    cfg.name = tiny.name
+    assert cfg.to_dict() == tiny.to_dict()
 
 
 def test_config_errors_name_the_key(tmp_path):
