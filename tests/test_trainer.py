@@ -127,12 +127,11 @@ def test_cli_smoke_entry_point(tmp_path):
 def test_the_stage2_budget_config_changes_only_its_budget():
     """configs/tiny-stage2-budget.toml (docs/results.md) is the tiny preset with the fields it names, nothing else."""
     cfg, tiny = load_file("configs/tiny-stage2-budget.toml"), preset("tiny")
-    assert (cfg.stage0.parallel_fraction, cfg.stage0.steps, cfg.stage1.steps) == (0.5, 600, 16)
-    assert (cfg.stage2.target_kept, cfg.stage2.epochs_cap, cfg.stage2.steps) == (350, 48, 500)
-    assert (cfg.stage3.steps, cfg.stage3.eval_every) == (60, 30)
-    for part, field in (("stage0", "parallel_fraction"), ("stage0", "steps"), ("stage1", "steps"),
-                        ("stage2", "target_kept"), ("stage2", "epochs_cap"), ("stage2", "steps"),
-                        ("stage3", "steps"), ("stage3", "eval_every")):
+    named = {("stage0", "parallel_fraction"): 0.5, ("stage0", "steps"): 600, ("stage1", "steps"): 16,
+             ("stage2", "target_kept"): 350, ("stage2", "epochs_cap"): 48, ("stage2", "steps"): 500,
+             ("stage3", "steps"): 60, ("stage3", "eval_every"): 30}
+    for (part, field), value in named.items():
+        assert getattr(getattr(cfg, part), field) == value, (part, field)
         setattr(getattr(cfg, part), field, getattr(getattr(tiny, part), field))
     cfg.name = tiny.name
     assert cfg.to_dict() == tiny.to_dict()
