@@ -92,6 +92,10 @@ class Stage0Config(SFTConfig):
 
     steps: int = 700
     parallel_fraction: float = 0.2
+    # A curriculum over the mix: the share of NPR solutions at step 0, rising linearly to parallel_fraction at
+    # the last step (None: parallel_fraction throughout). The seed's late loss drop (learning to find a group's
+    # digits) comes at a seed-dependent step and later the more NPR solutions it sees (docs/results.md).
+    parallel_fraction_start: float | None = None
     # Layouts the parallel-style solutions train under. "sequential": causal text only, so the seed never sees
     # the parallel layout before stage 2. "both": each is also trained under the parallel layout (a step
     # starts where its siblings start and sees none of them). Measured (docs/results.md): "both" lets the
@@ -483,6 +487,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _number(f"{name}.grad_clip", s.grad_clip, float, 0, lo_open=True)
         _number(f"{name}.checkpoint_every", s.checkpoint_every, int, 0)
     _number("stage0.parallel_fraction", cfg.stage0.parallel_fraction, float, 0, 1)
+    if cfg.stage0.parallel_fraction_start is not None:
+        _number("stage0.parallel_fraction_start", cfg.stage0.parallel_fraction_start, float, 0, 1)
     _one_of("stage0.parallel_layout", cfg.stage0.parallel_layout, ("both", "sequential"))
     if cfg.stage0.spelled_tags and cfg.stage0.parallel_layout == "both":
         raise ConfigError("stage0.parallel_layout: 'both' needs every tag as its tag token, and "

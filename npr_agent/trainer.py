@@ -38,7 +38,7 @@ from npr_env.tasks import Problem, TaskFormatError
 
 from . import checkpoint as ckpt
 from .algorithms import RolloutInfo, make_algorithm
-from .config import ConfigError, RLConfig, SFTConfig, TrainConfig, validate
+from .config import ConfigError, RLConfig, SFTConfig, Stage0Config, TrainConfig, validate
 from .distributed import LOCAL, Dist, unwrap
 from .eval_metrics import rollout_stats
 from .files import atomic_write_jsonl, atomic_write_text
@@ -128,6 +128,15 @@ class EvalResult:
                 f"{prefix}/parallel_rate": self.parallel_rate, f"{prefix}/branches_mean": self.branches_mean,
                 f"{prefix}/speedup_ideal": self.speedup_ideal, f"{prefix}/total_tokens": self.total_tokens,
                 f"{prefix}/critical_path": self.critical_path}
+
+
+def parallel_share(cfg: Stage0Config, step: int) -> float:
+    """The share of NPR solutions in stage 0's batch at ``step``: constant, or a linear ramp from
+    ``parallel_fraction_start`` at step 0 to ``parallel_fraction`` at the last step."""
+    if cfg.parallel_fraction_start is None:
+        return cfg.parallel_fraction
+    t = min(step / max(cfg.steps - 1, 1), 1.0)
+    return cfg.parallel_fraction_start + t * (cfg.parallel_fraction - cfg.parallel_fraction_start)
 
 
 def sft_config(cfg: SFTConfig, **changes) -> SFTConfig:
@@ -331,13 +340,13 @@ class NPRTrainer:
     def run_stage0(self):
         cfg = self.cfg.stage0
         model = self.fresh_model()
-        rng_frac = cfg.parallel_fraction
 
         def data(step: int) -> list[Sample]:
             out = []
             rng = random.Random(self.cfg.seed * 7919 + step)
+            frac = parallel_share(cfg, step)
             for p in self.problems("stage0", step, cfg.batch_size):
-                style = "parallel" if rng.random() < rng_frac else "sequential"
+                style = "parallel" if rng.random() < frac else "sequential"
                 out.append(self.sft_sample(p, p.solutions[style], layout="sequential", spelled=cfg.spelled_tags))
                 if style == "parallel" and cfg.parallel_layout == "both":
                     out.append(self.sft_sample(p, p.solutions[style], layout="parallel"))

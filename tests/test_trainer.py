@@ -6,8 +6,8 @@ import pytest
 
 from npr_agent.cli import main as npr_main
 from npr_agent.cli import smoke
-from npr_agent.config import ConfigError, apply_overrides, load_file, preset
-from npr_agent.trainer import Interrupted, NPRTrainer
+from npr_agent.config import ConfigError, apply_overrides, load_file, preset, validate
+from npr_agent.trainer import Interrupted, NPRTrainer, parallel_share
 
 
 def tiny_cfg():
@@ -135,6 +135,18 @@ def test_the_stage2_budget_config_changes_only_its_budget():
         setattr(getattr(cfg, part), field, getattr(getattr(tiny, part), field))
     cfg.name = tiny.name
     assert cfg.to_dict() == tiny.to_dict()
+
+
+def test_stage0_parallel_share_is_constant_or_a_linear_ramp():
+    """stage0.parallel_fraction_start ramps the share of NPR solutions to parallel_fraction at the last step;
+    unset, every batch draws at parallel_fraction (so existing runs keep their data)."""
+    cfg = preset("tiny").stage0
+    assert [parallel_share(cfg, s) for s in (0, 350, 699)] == [0.2] * 3
+    cfg = apply_overrides(preset("tiny"), ["stage0.parallel_fraction_start=0.2", "stage0.parallel_fraction=0.8",
+                                           "stage0.steps=701"]).stage0
+    assert [round(parallel_share(cfg, s), 6) for s in (0, 350, 700)] == [0.2, 0.5, 0.8]
+    with pytest.raises(ConfigError, match="stage0.parallel_fraction_start"):
+        validate(apply_overrides(preset("tiny"), ["stage0.parallel_fraction_start=1.5"]))
 
 
 def test_config_errors_name_the_key(tmp_path):
