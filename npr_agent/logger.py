@@ -61,11 +61,14 @@ class RunLogger:
         return sum(float(row[key]) for _, row in self._lines()
                    if row is not None and row.get("stage") == stage and row.get("step", 0) <= until_step and key in row)
 
-    def drop_after(self, stage: str, time_s: float) -> int:
-        """Remove ``stage``'s rows written after ``time_s`` (a resumed stage re-runs those steps, so each step is
-        logged once); returns how many were removed. The file is rewritten atomically."""
+    def drop_after(self, stage: str, step: int | None = None, time_s: float | None = None) -> int:
+        """Remove ``stage``'s rows past a resume point: those with a step above ``step``, or written after
+        ``time_s``. A resumed stage re-runs those steps, so each step is logged once. Returns how many were
+        removed; the file is rewritten atomically."""
         from .files import atomic_write_text
 
+        if (step is None) == (time_s is None):
+            raise ValueError("drop_after takes a step or a time, not both")
         if not self.metrics_path.exists():
             return 0
         keep, dropped = [], 0
@@ -73,7 +76,8 @@ class RunLogger:
             if row is None:  # a line cut by a kill mid-write
                 dropped += 1
                 continue
-            if row.get("stage") == stage and row.get("time", 0.0) > time_s:
+            past = row.get("step", 0) > step if step is not None else row.get("time", 0.0) > time_s
+            if row.get("stage") == stage and past:
                 dropped += 1
             else:
                 keep.append(line + "\n")

@@ -375,7 +375,7 @@ class NPRTrainer:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         warm = int(cfg.warmup_ratio * cfg.steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, ckpt.lr_lambda("cosine", cfg.steps, warm, cfg.min_lr_ratio))
-        start = self._maybe_resume(stage, model, opt, sched)
+        start = self._maybe_resume(stage, model, opt, sched, logged=-1)  # step s is logged as s
         model.train()
         bar = progress(cfg.steps, stage, disable=not self.show_progress)
         bar.update(start)
@@ -406,16 +406,22 @@ class NPRTrainer:
             self.logger.flush()
             raise Interrupted(f"{stage} stopped after step {done} (stop_after)")
 
-    def _maybe_resume(self, stage, model, opt, sched) -> int:
+    def _maybe_resume(self, stage, model, opt, sched, logged: int = 0) -> int:
+        """Restore ``stage``'s training state if ``--resume`` finds one; returns the steps already done. The killed
+        attempt's rows past that point are dropped by their step, so each step is logged once whatever the clocks
+        did. ``logged``: the step of the row that records the ``done``-th step, less ``done`` (SFT -1, RL 0)."""
         state = self.run_dir / f"{stage}.state.pt"
-        if self.resume and self.dist.is_main:  # the killed attempt's rows after the point we resume from
-            since = state if state.exists() else self.run_dir / "stage2_data.jsonl" if stage == "stage2" else None
-            self.logger.drop_after(stage, since.stat().st_mtime if since is not None and since.exists() else -1.0)
+        done = 0
         if self.resume and state.exists():
-            s = self.dist.load_train_state(state, model, opt, sched)
-            print(f"[{stage}] resumed at step {s['step']} from {state}")
-            return int(s["step"])
-        return 0
+            done = int(self.dist.load_train_state(state, model, opt, sched)["step"])
+            print(f"[{stage}] resumed at step {done} from {state}")
+        if self.resume and self.dist.is_main:
+            data = self.run_dir / "stage2_data.jsonl"
+            if done == 0 and stage == "stage2" and data.exists():  # keep the rejection row logged before the data
+                self.logger.drop_after(stage, time_s=data.stat().st_mtime)
+            else:
+                self.logger.drop_after(stage, step=done + logged if done else -1)
+        return done
 
     # -- stage 1: NPR-Zero -----------------------------------------------------------------------------------
     def run_stage1(self):

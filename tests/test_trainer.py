@@ -39,10 +39,16 @@ def test_sft_resume_gives_the_same_next_step(tmp_path):
     t.stop_after = {"stage0": 3}
     with pytest.raises(Interrupted):
         t.run(("stage0",))
+    # the killed attempt logged step 3 after its checkpoint, stamped by a clock that has since stepped back:
+    # the resume point is a step, so the row goes whatever its time says
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"stage": "stage0", "step": 3, "time": 0.0, "loss/sft": 99.0}) + "\n")
     NPRTrainer(cfg, tmp_path / "b", resume=True, show_progress=False).run(("stage0",))
     a, b = rows(tmp_path / "a", "stage0"), rows(tmp_path / "b", "stage0")
     for step in (3, 4, 5):
         assert a[step]["loss/sft"] == pytest.approx(b[step]["loss/sft"], abs=1e-6)
+    logged = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in logged if r["stage"] == "stage0" and "loss/sft" in r) == list(range(6))
 
 
 def test_rl_resume_gives_the_same_batch_and_loss(tmp_path):
