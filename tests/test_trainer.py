@@ -130,12 +130,12 @@ def test_cli_smoke_entry_point(tmp_path):
     assert (tmp_path / "cli" / "stage0" / "DONE").exists()
 
 
-def test_the_ablation_config_is_the_tiny_preset_with_the_smaller_budget():
-    """configs/tiny-ablation.toml (the source of `npr ablate`) is the tiny preset with the fields it names."""
-    cfg, tiny = load_file("configs/tiny-ablation.toml"), preset("tiny")
-    named = {("stage0", "steps"): 700, ("stage0", "parallel_fraction"): 0.2, ("stage0", "parallel_fraction_start"): None,
-             ("stage1", "steps"): 20, ("stage2", "target_kept"): 200, ("stage2", "epochs_cap"): 24,
-             ("stage2", "steps"): 400, ("stage3", "steps"): 150, ("stage3", "eval_every"): 25}
+def test_the_curriculum_config_changes_only_its_fields():
+    """configs/tiny-curriculum.toml (docs/results.md) is the tiny preset with the fields it names, nothing else."""
+    cfg, tiny = load_file("configs/tiny-curriculum.toml"), preset("tiny")
+    named = {("stage0", "steps"): 600, ("stage0", "parallel_fraction_start"): 0.2, ("stage0", "parallel_fraction"): 0.8,
+             ("stage1", "steps"): 8, ("stage2", "target_kept"): 350, ("stage2", "epochs_cap"): 48,
+             ("stage2", "steps"): 500, ("stage3", "steps"): 60, ("stage3", "eval_every"): 0}
     for (part, field), value in named.items():
         assert getattr(getattr(cfg, part), field) == value, (part, field)
         setattr(getattr(cfg, part), field, getattr(getattr(tiny, part), field))
@@ -145,11 +145,12 @@ def test_the_ablation_config_is_the_tiny_preset_with_the_smaller_budget():
 
 def test_stage0_parallel_share_is_constant_or_a_linear_ramp():
     """stage0.parallel_fraction_start ramps the share of NPR solutions to parallel_fraction at the last step;
-    unset, every batch draws at parallel_fraction."""
-    cfg = apply_overrides(preset("tiny"), ["stage0.parallel_fraction_start=none"]).stage0
-    assert [parallel_share(cfg, s) for s in (0, 300, 599)] == [0.8] * 3
-    cfg = apply_overrides(preset("tiny"), ["stage0.steps=601"]).stage0  # the default: 0.2 -> 0.8
-    assert [round(parallel_share(cfg, s), 6) for s in (0, 300, 600)] == [0.2, 0.5, 0.8]
+    unset, every batch draws at parallel_fraction (so existing runs keep their data)."""
+    cfg = preset("tiny").stage0
+    assert [parallel_share(cfg, s) for s in (0, 350, 699)] == [0.2] * 3
+    cfg = apply_overrides(preset("tiny"), ["stage0.parallel_fraction_start=0.2", "stage0.parallel_fraction=0.8",
+                                           "stage0.steps=701"]).stage0
+    assert [round(parallel_share(cfg, s), 6) for s in (0, 350, 700)] == [0.2, 0.5, 0.8]
     with pytest.raises(ConfigError, match="stage0.parallel_fraction_start"):
         validate(apply_overrides(preset("tiny"), ["stage0.parallel_fraction_start=1.5"]))
 
