@@ -68,7 +68,7 @@ class RunLogger:
         from .files import atomic_write_text
 
         if (step is None) == (time_s is None):
-            raise ValueError("drop_after takes a step or a time, not both")
+            raise ValueError("drop_after takes exactly one of step and time_s")
         if not self.metrics_path.exists():
             return 0
         keep, dropped = [], 0
