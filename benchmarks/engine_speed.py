@@ -5,6 +5,13 @@ of 64, MLP 1664, tied embeddings) over the shipped NPR tokenizer, fp32, ``torch.
 
 * ``vs_hf_generate_batch{1,16}``: engine tokens/s in sequential mode / HF ``generate`` tokens/s; greedy, the
   same model, prompts and output length (EOS never chosen), 1 or 16 concurrent requests.
+* ``vs_hf_generate_mixed16``: the same for 16 concurrent requests of mixed lengths (prompts of 16-96 tokens,
+  outputs of ``new_tokens // 4`` to ``2 * new_tokens``, each ended by EOS): HF decodes the left-padded batch until
+  its longest row ends; the engine drops a request from the batch when it ends. Only real tokens count.
+* ``paged_over_gather_b{B}_ctx{L}``: decode time with ``decode_attention="gather"`` (each step copies the
+  visible K/V out of the pool) / with ``"paged"`` (attention reads the pool in place over the block tables),
+  ``B`` requests of ``L``-token prompts; > 1 means reading in place is faster (``"auto"`` is paged on CUDA
+  and gathers on the CPU).
 * ``parallel_speedup_k{2,4,8}``: wall time to produce the same trajectory (one block with k branches of equal
   length, forced by a :class:`~engine.TrajectoryForcer`) in sequential mode / in parallel mode.
   ``ideal_speedup_k*`` = total tokens / critical-path tokens; ``parallel_efficiency_k*`` = measured / ideal.
@@ -18,8 +25,8 @@ records the duration of each of its steps (the engine's scheduler steps; HF ``ge
 stopping criterion that only reads the clock). A run's *steady time* is, per kind of step (its batch size),
 the number of such steps times their median duration: the wall time of that run without interference.
 Each figure uses the smallest steady time over interleaved repetitions; raw wall-clock ratios are reported
-alongside (``*_wall``). Targets: vs_hf_generate_batch1 >= 1, vs_hf_generate_batch16 >= 1,
-parallel_efficiency_k4 >= 0.8, kv_peak_over_ideal <= 1.05.
+alongside (``*_wall``). Targets (issue 13): vs_hf_generate_batch1 >= 1.2, vs_hf_generate_mixed16 >= 1.5,
+parallel_efficiency_k4 >= 0.9, parallel_efficiency_k8 >= 0.85, kv_peak_over_ideal <= 1.05.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-TARGETS = {"vs_hf_generate_batch1": 1.0, "vs_hf_generate_batch16": 1.0, "parallel_efficiency_k4": 0.8}
+TARGETS = {"vs_hf_generate_batch1": 1.2, "vs_hf_generate_mixed16": 1.5, "parallel_efficiency_k4": 0.9,
+           "parallel_efficiency_k8": 0.85}
 KV_TARGET = 1.05
 
 
@@ -178,6 +186,116 @@ def vs_hf(model, eng, batch: int, prompt_len: int, new_tokens: int, reps: int, q
             "clean": all(v["clean"] > 0 for v in res.values())}
 
 
+def mixed_lengths(batch: int, new_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """``batch`` prompts of 16-96 tokens and output lengths spread evenly over ``new_tokens // 4`` to
+    ``2 * new_tokens``, in an order that does not sort either."""
+    prompts = [[20 + (11 * i + 5 * j) % 90 for j in range(16 + (37 * i) % 81)] for i in range(batch)]
+    lo, hi = max(1, new_tokens // 4), 2 * new_tokens
+    outs = [lo + ((7 * i) % batch) * (hi - lo) // max(1, batch - 1) for i in range(batch)]
+    return prompts, outs
+
+
+class _EndAt:
+    """Forces EOS once a row has ``lengths[row]`` new tokens: the mixed output lengths a model's own EOS gives,
+    identical for both sides. HF form: ``(input_ids, scores)`` over the padded batch; engine form:
+    ``(context_ids, logits_row)`` per branch, the row found by its prompt."""
+
+    def __init__(self, prompts: list[list[int]], lengths: list[int], eos: int, width: int):
+        self.lengths, self.eos, self.width = lengths, eos, width
+        self.by_first = {p[0]: (len(p), n) for p, n in zip(prompts, lengths)}  # first tokens differ
+
+    def __call__(self, ids, scores):
+        if isinstance(ids, list):  # the engine: one branch
+            plen, n = self.by_first[ids[0]]
+            if len(ids) - plen >= n - 1:
+                scores = torch.full_like(scores, float("-inf"))
+                scores[self.eos] = 0.0
+            return scores
+        done = ids.shape[1] - self.width >= torch.tensor(self.lengths, device=ids.device) - 1
+        if bool(done.any()):
+            scores = scores.clone()
+            scores[done] = float("-inf")
+            scores[done, self.eos] = 0.0
+        return scores
+
+
+def vs_hf_mixed(model, eng, batch: int, new_tokens: int, reps: int, quiet: Quiet) -> dict:
+    """``batch`` concurrent requests of mixed prompt and output lengths: HF ``generate`` on the left-padded
+    batch (finished rows stay in it until the longest ends) against the engine (a finished request leaves the
+    batch). Only each request's own tokens count, for both."""
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+    from engine import SamplingParams
+
+    prompts, lengths = mixed_lengths(batch, new_tokens)
+    eos = eng.tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    end = _EndAt(prompts, lengths, eos, width)
+    gen_cfg = GenerationConfig(max_new_tokens=max(lengths), do_sample=False, eos_token_id=eos, pad_token_id=0)
+    params = SamplingParams(temperature=0, max_new_tokens=max(lengths), logits_processors=[end],
+                            step_repetition_penalty=1.0)
+
+    def hf():
+        clock = _StepClock()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=att, generation_config=gen_cfg,
+                                 logits_processor=LogitsProcessorList([end]),
+                                 stopping_criteria=StoppingCriteriaList([clock]))
+        ts = [t0] + clock.t
+        return out, [(0, ts[1] - ts[0])] + [(batch, b - a) for a, b in zip(ts[1:], ts[2:])]
+
+    def ours():
+        out = eng.generate(prompts, params, mode="sequential")
+        return out, eng.last_stats["step_log"]
+
+    hf(), ours()
+    res = measure({"hf": hf, "engine": ours}, reps, quiet)
+    out_hf, out_en = res["hf"]["result"], res["engine"]["result"]
+    hf_rows = [o[width:].tolist()[:n] for o, n in zip(out_hf, lengths)]
+    n_tokens = sum(lengths)
+    assert sum(r.num_tokens for r in out_en) == n_tokens, ([r.num_tokens for r in out_en], lengths)
+    return {"hf_tok_s": n_tokens / res["hf"]["steady"], "engine_tok_s": n_tokens / res["engine"]["steady"],
+            "ratio": res["hf"]["steady"] / res["engine"]["steady"],
+            "ratio_wall": res["hf"]["wall"] / res["engine"]["wall"],
+            "hf_wall_s": res["hf"]["wall"], "engine_wall_s": res["engine"]["wall"],
+            "same_tokens": all(r.token_ids == h for r, h in zip(out_en, hf_rows)), "tokens": n_tokens,
+            "prompt_lengths": [len(p) for p in prompts], "output_lengths": lengths,
+            "clean": all(v["clean"] > 0 for v in res.values())}
+
+
+def paged_vs_gather(model, tok, batch: int, context: int, new_tokens: int, reps: int, quiet: Quiet) -> dict:
+    """Decode with the KV read in place (``decode_attention="paged"``) against the gather, the same model,
+    ``batch`` requests of ``context`` prompt tokens each, ``new_tokens`` greedy tokens; steady decode time only
+    (prefill is the same code in both)."""
+    from engine import NPREngine, SamplingParams
+
+    prompts = [[20 + (7 * i + 3 * j) % 90 for j in range(context)] for i in range(batch)]
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True, step_repetition_penalty=1.0)
+    engines = {how: NPREngine(model, tok, block_size=16, decode_attention=how) for how in ("gather", "paged")}
+    stats = {}
+
+    def run(how):
+        def fn():
+            out = engines[how].generate(prompts, params, mode="sequential")
+            stats[how] = dict(engines[how].last_stats)
+            return out, [(r, dt) for r, dt in engines[how].last_stats["step_log"] if r]  # decode steps
+        return fn
+
+    for how in engines:  # warm-up: compiles FlexAttention once
+        run(how)()
+    res = measure({how: run(how) for how in engines}, reps, quiet)
+    same = all(a.token_ids == b.token_ids for a, b in zip(res["gather"]["result"], res["paged"]["result"]))
+    return {"speedup": res["gather"]["steady"] / res["paged"]["steady"],
+            "speedup_wall": res["gather"]["wall"] / res["paged"]["wall"],
+            "gather_decode_s": res["gather"]["steady"], "paged_decode_s": res["paged"]["steady"],
+            "same_tokens": same, "paged_forwards": stats["paged"]["paged_decode_forwards"],
+            "kv_slots_per_decode_gather": stats["gather"]["kv_slots_per_decode"],
+            "clean": all(v["clean"] > 0 for v in res.values())}
+
+
 def trajectory(tok, k: int, step_len: int) -> list[int]:
     """One block with k plans and k steps of exactly ``step_len`` tokens each (tags and "N: " included)."""
     from npr_env.schema import format_block
@@ -264,6 +382,13 @@ def main(argv=None) -> dict:
         d = vs_hf(model, eng, batch, prompt_len=32, new_tokens=new_tokens, reps=reps, quiet=quiet)
         detail[f"batch{batch}"] = d
         res[f"vs_hf_generate_batch{batch}"] = d["ratio"]
+    d = vs_hf_mixed(model, eng, 16, new_tokens=new_tokens, reps=reps, quiet=quiet)
+    detail["mixed16"] = d
+    res["vs_hf_generate_mixed16"] = d["ratio"]
+    for batch, context in ((16, 128), (16, 512), (4, 2048)):
+        d = paged_vs_gather(model, tok, batch, context, new_tokens=16 if quick else 48, reps=reps, quiet=quiet)
+        detail[f"paged_b{batch}_ctx{context}"] = d
+        res[f"paged_over_gather_b{batch}_ctx{context}"] = d["speedup"]
     kv = []
     for k in (2, 4, 8):
         d = parallel_speedup(eng, tok, k, step_len=step_len, prompt_len=32, reps=reps, quiet=quiet)
@@ -290,11 +415,18 @@ def main(argv=None) -> dict:
         tgt = f">= {TARGETS[k]}" if k in TARGETS else (f"<= {KV_TARGET}" if k == "kv_peak_over_ideal" else "")
         mark = "" if not tgt else ("  ok" if meets[k] else "  MISSED")
         print(f"{k:28s} {v:8.3f}  {tgt}{mark}")
-    for b in ("batch1", "batch16"):
+    for b in ("batch1", "batch16", "mixed16"):
         d = detail[b]
         print(f"  {b}: engine {d['engine_tok_s']:.1f} tok/s, HF generate {d['hf_tok_s']:.1f} tok/s (steady); "
-              f"wall-clock ratio {d['ratio_wall']:.3f}; same tokens: {d['same_tokens']}; "
-              f"KV slots gathered per decode forward {d['kv_slots_per_decode']:.0f}")
+              f"wall-clock ratio {d['ratio_wall']:.3f}; same tokens: {d['same_tokens']}"
+              + (f"; KV slots gathered per decode forward {d['kv_slots_per_decode']:.0f}"
+                 if "kv_slots_per_decode" in d else f"; output lengths {min(d['output_lengths'])}-"
+                                                    f"{max(d['output_lengths'])}"))
+    for key, d in detail.items():
+        if key.startswith("paged_"):
+            print(f"  {key}: decode gather {d['gather_decode_s']:.2f} s ({d['kv_slots_per_decode_gather']:.0f} slots "
+                  f"copied per forward), paged {d['paged_decode_s']:.2f} s (in place); wall-clock ratio "
+                  f"{d['speedup_wall']:.3f}; same tokens: {d['same_tokens']}")
     for k in (2, 4, 8):
         d = detail[f"k{k}"]
         print(f"  k={k}: {d['tokens']} tokens, critical path {d['critical_path']}, sequential {d['seq_s']:.2f} s "

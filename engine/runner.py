@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .paged_attention import PagedDecode
+
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 NEG_INF = float("-inf")
 
@@ -58,7 +60,11 @@ class StepInput:
     attn_bias: torch.Tensor | None  # [B, 1, Q, Lk] or None
     out_index: torch.Tensor | None = None  # [B] or [B, K]
     q_index: torch.Tensor | None = None  # [B]: a decode row's place in the [G * Qmax] share-group queries
+    block_mask: object | None = None  # paged decode (engine.paged_attention): the step's BlockMask ...
+    n_slots: int = 0  # ... over the pool's first n_slots slots (key_index is then empty)
 
+
+DECODE_ATTENTION = ("auto", "paged", "gather")  # "auto": paged on CUDA, gather on the CPU (see NPREngine)
 
 # A share group's union costs (1 + ATTN_PER_ROW * rows) per union slot (one gather; the scores of every row, the
 # masked ones included), against (1 + ATTN_PER_ROW) per slot that each row gathers for itself: on CPU and GPU
@@ -144,7 +150,9 @@ class _Layer:
 class ModelRunner:
     """Applies an HF Qwen3/Qwen2/Llama ``*ForCausalLM`` module over a :class:`~engine.kv_cache.BlockPool`."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, decode_attention: str = "auto"):
+        if decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
         cfg = model.config
         model_type = getattr(cfg, "model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -164,14 +172,32 @@ class ModelRunner:
         self._rope_table_ok = rope.get("rope_type", rope.get("type", "default")) in (
             "default", "linear", "llama3", "yarn")
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.decode_attention = decode_attention
+        self._paged: PagedDecode | None = None
         self.reset_counters()
         self.bind()
 
     def reset_counters(self) -> None:
-        """Zero the decode counters: forwards prepared by :meth:`prepare_decode`, and the KV slots their key
-        index gathers (each layer gathers that many K and V rows; padding and repeats included)."""
+        """Zero the decode counters: forwards prepared by :meth:`prepare_decode`, the KV slots their key index
+        gathers (each layer gathers that many K and V rows; padding and repeats included), and the forwards
+        that read the pool in place instead (paged: nothing gathered)."""
         self.decode_forwards = 0
         self.decode_kv_slots = 0
+        self.paged_forwards = 0
+
+    def _use_paged(self, pool, tables) -> bool:
+        """Whether this decode step reads the pool in place (see ``decode_attention`` in :class:`NPREngine`)."""
+        mode = self.decode_attention
+        if mode == "gather" or not pool.k_flat:  # a bookkeeping-only pool (tests) has no tensors
+            return False
+        if mode == "auto" and self.device.type != "cuda":
+            return False
+        if self._paged is None:
+            self._paged = PagedDecode(pool.block_size, self.device)
+        ok, why = self._paged.available()
+        if not ok and mode == "paged":
+            raise RuntimeError(f"decode_attention='paged' needs compiled FlexAttention, which failed here: {why}")
+        return ok
 
     @property
     def device(self) -> torch.device:
@@ -209,6 +235,12 @@ class ModelRunner:
         ids = torch.tensor(tokens, device=dev).view(B, 1)
         pos = torch.tensor(positions, device=dev).view(B, 1)
         write = torch.tensor(slots, device=dev)
+        if self._use_paged(pool, tables):
+            mask, n_slots = self._paged.plan(pool, tables)
+            self.decode_forwards += 1
+            self.paged_forwards += 1
+            return StepInput(ids, pos, write, torch.empty((B, 0), dtype=torch.int64, device=dev), None,
+                             block_mask=mask, n_slots=n_slots)
         groups = share_groups([t.slot_view() for t in tables]) if share and B > 1 else None
         if groups is not None and len(groups) < B:
             G, Qm, Lu = len(groups), max(len(g[0]) for g in groups), max(len(g[1]) for g in groups)
@@ -276,7 +308,7 @@ class ModelRunner:
 
     def run(self, pool, inp: StepInput) -> torch.Tensor:
         return self.forward(pool, inp.input_ids, inp.positions, inp.write_slots, inp.key_index, inp.attn_bias,
-                            inp.out_index, inp.q_index)
+                            inp.out_index, inp.q_index, inp.block_mask, inp.n_slots)
 
     def bind(self) -> None:
         """(Re)read references to the live module's parameters; called at the start of every generate."""
@@ -320,10 +352,23 @@ class ModelRunner:
             t = self._rope_table = (cos[0], sin[0])
         return F.embedding(positions, t[0]), F.embedding(positions, t[1])
 
+    @staticmethod
+    def _mlp(x: torch.Tensor, L: _Layer) -> torch.Tensor:
+        """The rest of a layer after ``x + o @ W_o^T``: o_proj's bias, then the MLP block with its residual."""
+        if L.o_b is not None:
+            x = x + L.o_b
+        h = _rms(x, L.ln2, L.e2)
+        a = L.act(F.linear(h, L.gate, L.gate_b)) * F.linear(h, L.up, L.up_b)
+        x = torch.addmm(x, a, L.down.t())
+        if L.down_b is not None:
+            x = x + L.down_b
+        return x
+
     @torch.inference_mode()
     def forward(self, pool, input_ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
                 key_index: torch.Tensor, attn_bias: torch.Tensor | None,
-                out_index: torch.Tensor | None = None, q_index: torch.Tensor | None = None) -> torch.Tensor:
+                out_index: torch.Tensor | None = None, q_index: torch.Tensor | None = None,
+                block_mask=None, n_slots: int = 0) -> torch.Tensor:
         """Run ``B`` rows of ``Q`` new tokens; return logits ``[B, V]`` at query ``out_index[b]`` (default: last),
         or ``[B, K, V]`` at queries ``out_index[b, :]`` when it is ``[B, K]``.
 
@@ -335,6 +380,9 @@ class ModelRunner:
         Share-group decode (``Q == 1``, ``q_index`` given): key_index is ``[G, Lk]``, one union of slots per
         group, attn_bias ``[G, 1, Qmax, Lk]`` (query ``j`` of group ``i``: what its row sees), and
         ``q_index[b] = i * Qmax + j`` places row ``b``; the output is back in row order.
+
+        Paged decode (``Q == 1``, ``block_mask`` given, :mod:`engine.paged_attention`): attention reads the
+        pool's first ``n_slots`` slots in place, each row the blocks its table lists; key_index is unused.
         """
         B, Q = input_ids.shape
         H, KV, D, g = self.num_heads, self.kv_heads, self.head_dim, self.group
@@ -358,6 +406,11 @@ class ModelRunner:
             kf, vf = pool.k_flat[i], pool.v_flat[i]
             kf.index_copy_(0, write_slots, k.flatten(0, 1))
             vf.index_copy_(0, write_slots, v.flatten(0, 1))
+            if block_mask is not None:
+                o = self._paged.attend(q.transpose(1, 2), kf, vf, block_mask, n_slots, self.scale)
+                x = torch.addmm(x.view(B * Q, hidden), o.reshape(B, H * D), L.o.t())
+                x = self._mlp(x, L).view(B, Q, hidden)
+                continue
             keys = kf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)  # [Bk, KV, Lk, D]
             vals = vf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)
             if q_index is not None:  # scatter the rows' queries into their groups (padding queries: zeros)
@@ -369,14 +422,7 @@ class ModelRunner:
                 o = o.index_select(0, q_index)
             # residual adds fused into the projections' GEMMs (x + o @ W^T)
             x = torch.addmm(x.view(B * Q, hidden), o, L.o.t())
-            if L.o_b is not None:
-                x = x + L.o_b
-            h = _rms(x, L.ln2, L.e2)
-            a = L.act(F.linear(h, L.gate, L.gate_b)) * F.linear(h, L.up, L.up_b)
-            x = torch.addmm(x, a, L.down.t())
-            if L.down_b is not None:
-                x = x + L.down_b
-            x = x.view(B, Q, hidden)
+            x = self._mlp(x, L).view(B, Q, hidden)
         if Q == 1:
             x = x[:, 0]
         elif out_index is None:
