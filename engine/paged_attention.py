@@ -25,6 +25,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# The mask's tile on the query axis: one tile holds a decode row's single query. 128 (FlexAttention's default)
+# is a multiple of the Triton decoding kernel's BLOCK_M (16 and up), which the pool's block size need not be.
+Q_TILE = 128
 _COMPILED = None  # the compiled flex_attention, shared by every runner in the process
 _FAILED: str | None = None  # why compiling it failed, if it did
 
@@ -110,7 +113,7 @@ class PagedDecode:
         mask = BlockMask.from_kv_blocks(
             torch.from_numpy(part_n).to(dev), torch.from_numpy(part_idx).to(dev),
             torch.from_numpy(full_n).to(dev), torch.from_numpy(full_idx).to(dev),
-            BLOCK_SIZE=bs, mask_mod=filled, seq_lengths=(1, top * bs), compute_q_blocks=False)
+            BLOCK_SIZE=(Q_TILE, bs), mask_mod=filled, seq_lengths=(1, top * bs), compute_q_blocks=False)
         return mask, top * bs
 
     def attend(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, mask, n_slots: int,
