@@ -133,7 +133,7 @@ def test_cli_smoke_entry_point(tmp_path):
 def test_the_curriculum_config_changes_only_its_fields():
     """configs/tiny-curriculum.toml (docs/results.md) is the tiny preset with the fields it names, nothing else."""
     cfg, tiny = load_file("configs/tiny-curriculum.toml"), preset("tiny")
-    named = {("stage0", "steps"): 600, ("stage0", "parallel_fraction_start"): 0.2, ("stage0", "parallel_fraction"): 0.8,
+    named = {("stage0", "steps"): 700, ("stage0", "parallel_fraction_start"): 0.2, ("stage0", "parallel_fraction"): 0.8,
              ("stage1", "steps"): 8, ("stage2", "target_kept"): 350, ("stage2", "epochs_cap"): 48,
              ("stage2", "steps"): 500, ("stage3", "steps"): 60, ("stage3", "eval_every"): 0}
     for (part, field), value in named.items():
