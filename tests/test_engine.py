@@ -417,16 +417,22 @@ def mutate(ids: list[int], rng: np.random.Generator, n: int) -> list[int]:
     return ids
 
 
+def mutated_forcer(seed: int):
+    """The fuzz tests' generator and forcer for ``seed``: a mutated trajectory (skipped when the mutation does not
+    serialize to itself)."""
+    rng = np.random.default_rng(seed)
+    resp = mutate(enc(TWO_BLOCKS if seed % 2 else NESTED), rng, 8)
+    try:
+        return rng, TrajectoryForcer(TOK, PROMPT, resp, strict=False)
+    except ValueError:
+        pytest.skip("this mutation does not serialize to itself")
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_fuzz_untrusted_sequences_no_crash_no_leak_exact(qwen3, seed):
     """Mutated trajectories steer the engine (off-trajectory it samples freely): whatever the structure, the
     rollout is aligned, the pool ends free, and the logprobs still equal the full forward with the layout."""
-    rng = np.random.default_rng(seed)
-    resp = mutate(enc(TWO_BLOCKS if seed % 2 else NESTED), rng, 8)
-    try:
-        forcer = TrajectoryForcer(TOK, PROMPT, resp, strict=False)
-    except ValueError:
-        pytest.skip("this mutation does not serialize to itself")
+    rng, forcer = mutated_forcer(seed)
     small_pool = seed % 3 == 0
     eng = NPREngine(qwen3, TOK, num_blocks=20 if small_pool else 512, block_size=4, min_fork_budget=0,
                     stop_on_violation=bool(seed % 4 == 1), reserve_tokens=4)

@@ -5,7 +5,17 @@ join, shared prompt blocks and preemption; the visibility rule it relies on hold
 import numpy as np
 import pytest
 import torch
-from test_engine import NESTED, PROMPT, TOK, TWO_BLOCKS, _grammar, enc, mutate, reference_logprobs, tiny
+from test_engine import (
+    NESTED,
+    PROMPT,
+    TOK,
+    TWO_BLOCKS,
+    _grammar,
+    enc,
+    mutated_forcer,
+    reference_logprobs,
+    tiny,
+)
 
 from engine import NPREngine, SamplingParams, TrajectoryForcer
 from engine.paged_attention import PagedDecode
@@ -77,12 +87,7 @@ def test_paged_decode_under_pool_pressure_gives_the_same_samples(qwen3):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_paged_decode_on_untrusted_sequences_stays_exact(qwen3, seed):
-    rng = np.random.default_rng(seed)
-    resp = mutate(enc(TWO_BLOCKS if seed % 2 else NESTED), rng, 8)
-    try:
-        forcer = TrajectoryForcer(TOK, PROMPT, resp, strict=False)
-    except ValueError:
-        pytest.skip("this mutation does not serialize to itself")
+    rng, forcer = mutated_forcer(seed)
     eng = checked(NPREngine(qwen3, TOK, num_blocks=20 if seed % 3 == 0 else 512, block_size=4, min_fork_budget=0,
                             reserve_tokens=4, decode_attention="paged"))
     params = SamplingParams(max_new_tokens=int(rng.integers(20, 300)), seed=seed, temperature=1.0,
