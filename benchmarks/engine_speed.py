@@ -201,7 +201,7 @@ class _EndAt:
     ``(context_ids, logits_row)`` per branch, the row found by its prompt."""
 
     def __init__(self, prompts: list[list[int]], lengths: list[int], eos: int, width: int):
-        self.lengths, self.eos, self.width = lengths, eos, width
+        self.lengths, self.eos, self.width = torch.tensor(lengths), eos, width
         self.by_first = {p[0]: (len(p), n) for p, n in zip(prompts, lengths)}  # first tokens differ
 
     def __call__(self, ids, scores):
@@ -211,7 +211,7 @@ class _EndAt:
                 scores = torch.full_like(scores, float("-inf"))
                 scores[self.eos] = 0.0
             return scores
-        done = ids.shape[1] - self.width >= torch.tensor(self.lengths, device=ids.device) - 1
+        done = ids.shape[1] - self.width >= self.lengths.to(ids.device) - 1
         if bool(done.any()):
             scores = scores.clone()
             scores[done] = float("-inf")

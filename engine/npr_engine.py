@@ -163,8 +163,8 @@ class NPREngine:
       is copied). ``"gather"``: each share group's visible slots are copied out of the pool first
       (:mod:`engine.runner`). ``"auto"``: paged on CUDA, where the copy costs the memory bandwidth the
       engine exists to save; gather on the CPU, where FlexAttention's cost per call outweighs the copy at the
-      contexts of the tiny preset (``benchmarks.engine_speed``: paged 0.89x the gather's speed at 2k visible
-      slots per step, 1.07-1.10x at 8k), and wherever FlexAttention cannot compile (a warning says why). Both
+      contexts of the tiny preset (``benchmarks.engine_speed``, three runs: paged 0.89-1.01x the gather's speed
+      at 2k visible slots per step, 1.03-1.26x at 8k), and wherever FlexAttention cannot compile (a warning says why). Both
       give the same tokens, and logprobs equal to rounding (<= 1e-5).
     """
 

@@ -89,23 +89,22 @@ class PagedDecode:
         from torch.nn.attention.flex_attention import BlockMask
 
         bs = pool.block_size
-        fill = pool.fill
         B = len(tables)
         top = max(max(t.blocks) for t in tables) + 1  # the keys span blocks [0, top) of the pool
+        fill = np.asarray(pool.fill[:top], dtype=np.int32)
         full_idx = np.zeros((B, 1, 1, top), dtype=np.int32)
         part_idx = np.zeros((B, 1, 1, top), dtype=np.int32)
         full_n = np.zeros((B, 1, 1), dtype=np.int32)
         part_n = np.zeros((B, 1, 1), dtype=np.int32)
         for r, t in enumerate(tables):
             blocks = np.asarray(t.blocks, dtype=np.int32)
-            f = np.fromiter((fill[b] for b in t.blocks), dtype=np.int32, count=len(blocks))
-            whole = blocks[f == bs]
-            part = blocks[f != bs]
+            brim = fill[blocks] == bs
+            whole, part = blocks[brim], blocks[~brim]
             full_idx[r, 0, 0, :len(whole)] = whole
             part_idx[r, 0, 0, :len(part)] = part
             full_n[r], part_n[r] = len(whole), len(part)
         dev = self.device
-        fill_t = torch.tensor(fill[:top], dtype=torch.int32, device=dev)
+        fill_t = torch.from_numpy(fill).to(dev)
 
         def filled(b, h, q_idx, kv_idx):  # a partial block: only its filled slots
             return (kv_idx % bs) < fill_t[kv_idx // bs]

@@ -352,18 +352,6 @@ class ModelRunner:
             t = self._rope_table = (cos[0], sin[0])
         return F.embedding(positions, t[0]), F.embedding(positions, t[1])
 
-    @staticmethod
-    def _mlp(x: torch.Tensor, L: _Layer) -> torch.Tensor:
-        """The rest of a layer after ``x + o @ W_o^T``: o_proj's bias, then the MLP block with its residual."""
-        if L.o_b is not None:
-            x = x + L.o_b
-        h = _rms(x, L.ln2, L.e2)
-        a = L.act(F.linear(h, L.gate, L.gate_b)) * F.linear(h, L.up, L.up_b)
-        x = torch.addmm(x, a, L.down.t())
-        if L.down_b is not None:
-            x = x + L.down_b
-        return x
-
     @torch.inference_mode()
     def forward(self, pool, input_ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
                 key_index: torch.Tensor, attn_bias: torch.Tensor | None,
@@ -406,23 +394,29 @@ class ModelRunner:
             kf, vf = pool.k_flat[i], pool.v_flat[i]
             kf.index_copy_(0, write_slots, k.flatten(0, 1))
             vf.index_copy_(0, write_slots, v.flatten(0, 1))
-            if block_mask is not None:
+            if block_mask is not None:  # paged decode: the pool read in place
                 o = self._paged.attend(q.transpose(1, 2), kf, vf, block_mask, n_slots, self.scale)
-                x = torch.addmm(x.view(B * Q, hidden), o.reshape(B, H * D), L.o.t())
-                x = self._mlp(x, L).view(B, Q, hidden)
-                continue
-            keys = kf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)  # [Bk, KV, Lk, D]
-            vals = vf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)
-            if q_index is not None:  # scatter the rows' queries into their groups (padding queries: zeros)
-                q = q.new_zeros((Bk * Qm, H, D)).index_copy_(0, q_index, q.view(B, H, D))
-            qg = q.reshape(Bk, Qm, KV, g, D).permute(0, 2, 1, 3, 4).reshape(Bk, KV, Qm * g, D)
-            o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=attn_bias, scale=self.scale)
-            o = o.view(Bk, KV, Qm, g, D).permute(0, 2, 1, 3, 4).reshape(Bk * Qm, H * D)
-            if q_index is not None:  # back to the packed rows
-                o = o.index_select(0, q_index)
+                o = o.reshape(B * Q, H * D)
+            else:
+                keys = kf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)  # [Bk, KV, Lk, D]
+                vals = vf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)
+                if q_index is not None:  # scatter the rows' queries into their groups (padding queries: zeros)
+                    q = q.new_zeros((Bk * Qm, H, D)).index_copy_(0, q_index, q.view(B, H, D))
+                qg = q.reshape(Bk, Qm, KV, g, D).permute(0, 2, 1, 3, 4).reshape(Bk, KV, Qm * g, D)
+                o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=attn_bias, scale=self.scale)
+                o = o.view(Bk, KV, Qm, g, D).permute(0, 2, 1, 3, 4).reshape(Bk * Qm, H * D)
+                if q_index is not None:  # back to the packed rows
+                    o = o.index_select(0, q_index)
             # residual adds fused into the projections' GEMMs (x + o @ W^T)
             x = torch.addmm(x.view(B * Q, hidden), o, L.o.t())
-            x = self._mlp(x, L).view(B, Q, hidden)
+            if L.o_b is not None:
+                x = x + L.o_b
+            h = _rms(x, L.ln2, L.e2)
+            a = L.act(F.linear(h, L.gate, L.gate_b)) * F.linear(h, L.up, L.up_b)
+            x = torch.addmm(x, a, L.down.t())
+            if L.down_b is not None:
+                x = x + L.down_b
+            x = x.view(B, Q, hidden)
         if Q == 1:
             x = x[:, 0]
         elif out_index is None:
