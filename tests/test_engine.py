@@ -389,6 +389,14 @@ def test_other_families_exact(family):
         assert np.abs(np.asarray(r.logprobs) - reference_logprobs(model, r.graph)).max() <= 1e-4
 
 
+def test_sliding_window_models_are_refused_not_decoded_wrongly():
+    """The runner's attention has no window: a model with sliding-window layers is refused at construction."""
+    cfg = Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    with pytest.raises(NotImplementedError, match="sliding-window attention layers are not supported"):
+        NPREngine(Qwen2ForCausalLM(cfg).eval(), TOK)
+
+
 def test_bad_inputs_raise_clear_errors(qwen3):
     eng = NPREngine(qwen3, TOK, num_blocks=16)
     with pytest.raises(ValueError, match="empty"):
