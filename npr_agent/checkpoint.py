@@ -192,6 +192,37 @@ def lr_lambda(schedule: str, total: int, warmup: int, min_ratio: float = 0.0):
     return f
 
 
+class DecayOnPass:
+    """LR multiplier for a stage that trains until a check passes: linear warmup, the peak rate until
+    :meth:`start_decay` is called, then a cosine decay over ``decay`` steps to ``min_ratio``; :attr:`end` is the
+    step the stage stops at. The decay starts by ``total - decay`` whatever the check says, so ``total`` is a
+    budget. A callable object, so ``LambdaLR.state_dict`` saves ``decay_from`` and a resumed run keeps it."""
+
+    def __init__(self, total: int, warmup: int, decay: int, min_ratio: float = 0.0):
+        self.total, self.warmup, self.decay, self.min_ratio = total, warmup, decay, min_ratio
+        self.decay_from: int | None = None
+
+    @property
+    def end(self) -> int:
+        start = max(self.total - self.decay, 0) if self.decay_from is None else self.decay_from
+        return min(start + self.decay, self.total)
+
+    def start_decay(self, step: int) -> None:
+        if self.decay_from is None:
+            self.decay_from = step
+
+    def __call__(self, step: int) -> float:
+        import math
+
+        if self.warmup > 0 and step < self.warmup:
+            return (step + 1) / self.warmup
+        start = max(self.total - self.decay, 0) if self.decay_from is None else self.decay_from
+        if step < start:
+            return 1.0
+        t = min(1.0, (step - start) / max(1, self.decay))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def save_tiny_model(path: str | Path | None = None, hidden_size: int = 64, num_layers: int = 2,
                     seed: int = 0) -> str:
     """A random Qwen3 with the shipped tokenizer, saved as an HF directory (examples, benchmarks, tests)."""

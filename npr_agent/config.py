@@ -105,6 +105,23 @@ class Stage0Config(SFTConfig):
     # Write the seed's solutions with the tags as ordinary text pieces, as an instruct model that has never
     # seen the tag tokens writes them (a BPE vocabulary; the char tokenizer has no pieces to spell them in).
     spelled_tags: bool = False
+    # Train until the seed can do the task, not for a fixed count: with check_every > 0, every check_every steps
+    # an average of the recent weights (check_average: EMA decay per step) decodes check_problems training
+    # problems never trained on (greedy, sequential mode); the learning rate stays at its peak until their
+    # accuracy reaches pass_accuracy, then decays over decay_steps and the stage ends (decay_steps = 0: it ends
+    # there, on the average's weights). `steps` is then a budget (the decay starts by steps - decay_steps).
+    # check_every = 0: one cosine schedule over `steps`.
+    check_every: int = 0
+    check_problems: int = 64
+    pass_accuracy: float = 0.95
+    check_average: float = 0.99  # 0: check the live weights (at the peak rate they score far below their average)
+    decay_steps: int = 100
+    ramp_steps: int = 0  # the steps the share ramp (parallel_fraction_start) takes; 0: `steps`
+
+    @property
+    def check_from(self) -> int:
+        """The first step the check may run at: the ramp's end, so the seed passes on the mix it ends with."""
+        return self.ramp_steps if self.parallel_fraction_start is not None else 0
 
 
 @dataclass
@@ -487,6 +504,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _number(f"{name}.grad_clip", s.grad_clip, float, 0, lo_open=True)
         _number(f"{name}.checkpoint_every", s.checkpoint_every, int, 0)
     _number("stage0.parallel_fraction", cfg.stage0.parallel_fraction, float, 0, 1)
+    for f in ("check_every", "check_problems", "decay_steps", "ramp_steps"):
+        _number(f"stage0.{f}", getattr(cfg.stage0, f), int, 0, None)
+    _number("stage0.pass_accuracy", cfg.stage0.pass_accuracy, float, 0, 1)
+    _number("stage0.check_average", cfg.stage0.check_average, float, 0, 1)
+    _check(cfg.stage0.check_average < 1, "stage0.check_average", cfg.stage0.check_average, "< 1 (1 never moves)")
+    if cfg.stage0.check_every and cfg.stage0.parallel_fraction_start is not None and not cfg.stage0.ramp_steps:
+        raise ConfigError("stage0.ramp_steps: with stage0.check_every the share ramp must end before the budget "
+                          "(the check runs from the ramp's end); give ramp_steps < stage0.steps")
+    if cfg.stage0.check_every and cfg.stage0.ramp_steps >= cfg.stage0.steps:
+        raise ConfigError(f"stage0.ramp_steps: {cfg.stage0.ramp_steps} leaves no step of the {cfg.stage0.steps}-step "
+                          "budget to check the seed in; give ramp_steps < stage0.steps")
+    if cfg.stage0.check_every and not cfg.stage0.decay_steps and not cfg.stage0.check_average:
+        raise ConfigError("stage0.decay_steps: 0 ends stage 0 on the weight average the check passed on, which "
+                          "needs stage0.check_average > 0 (or give decay_steps > 0)")
+    if cfg.stage0.check_every and not cfg.stage0.check_problems:
+        raise ConfigError("stage0.check_problems: stage0.check_every > 0 checks the seed on these problems; "
+                          "give at least 1 (64 gives a standard error of ~3 points at 0.95)")
     if cfg.stage0.parallel_fraction_start is not None:
         _number("stage0.parallel_fraction_start", cfg.stage0.parallel_fraction_start, float, 0, 1)
     _one_of("stage0.parallel_layout", cfg.stage0.parallel_layout, ("both", "sequential"))

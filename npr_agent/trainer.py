@@ -39,12 +39,12 @@ from npr_env.tasks import Problem, TaskFormatError
 from . import checkpoint as ckpt
 from .algorithms import RolloutInfo, make_algorithm
 from .config import ConfigError, RLConfig, SFTConfig, Stage0Config, TrainConfig, validate
-from .distributed import LOCAL, Dist, unwrap
+from .distributed import LOCAL, Dist, is_sharded, unwrap
 from .eval_metrics import rollout_stats
 from .files import atomic_write_jsonl, atomic_write_text
 from .logger import RunLogger, plot_summary, postfix, progress
 from .policy import Sample
-from .updates import policy_update, sft_update
+from .updates import WeightAverage, policy_update, sft_update
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
 
@@ -132,10 +132,11 @@ class EvalResult:
 
 def parallel_share(cfg: Stage0Config, step: int) -> float:
     """The share of NPR solutions in stage 0's batch at ``step``: constant, or a linear ramp from
-    ``parallel_fraction_start`` at step 0 to ``parallel_fraction`` at the last step."""
+    ``parallel_fraction_start`` at step 0 to ``parallel_fraction`` at the last step (``ramp_steps``: at that step's
+    end, then held)."""
     if cfg.parallel_fraction_start is None:
         return cfg.parallel_fraction
-    t = min(step / max(cfg.steps - 1, 1), 1.0)
+    t = min(step / max((cfg.ramp_steps or cfg.steps) - 1, 1), 1.0)
     return cfg.parallel_fraction_start + t * (cfg.parallel_fraction - cfg.parallel_fraction_start)
 
 
@@ -201,7 +202,8 @@ class NPRTrainer:
 
     def problems(self, stage: str, step: int, n: int) -> list[Problem]:
         """The problems of one step: a pure function of (seed, stage, step), so a resumed run sees the same."""
-        offset = (STAGES.index(stage) * 1_000_003 + step * n) if stage in STAGES else step * n
+        keys = (*STAGES, "check")  # "check": stage 0's check problems, disjoint from every stage's
+        offset = (keys.index(stage) * 1_000_003 + step * n) if stage in keys else step * n
         if isinstance(self.train_tasks, list):
             return [self.train_tasks[(offset + i) % len(self.train_tasks)] for i in range(n)]
         return [self.train_tasks[offset + i] for i in range(n)]
@@ -352,8 +354,15 @@ class NPRTrainer:
                     out.append(self.sft_sample(p, p.solutions[style], layout="parallel"))
             return out
 
-        self.sft("stage0", model, data, cfg)
-        self._finish_stage("stage0", model, self.evaluate(model, "stage0", mode="sequential"))
+        check = None
+        if cfg.check_every:
+            problems = self.problems("check", 0, cfg.check_problems)
+
+            def check(m) -> EvalResult:
+                return self.evaluate(m, "stage0", mode="sequential", log=False, problems=problems)
+
+        schedule = self.sft("stage0", model, data, cfg, check=check)
+        self._finish_stage("stage0", model, self.evaluate(model, "stage0", mode="sequential"), extra=schedule)
         return model
 
     def sft_sample(self, p: Problem, response: str, layout: str, spelled: bool = False) -> Sample:
@@ -370,50 +379,101 @@ class NPRTrainer:
         return Sample.from_graph(g)
 
     # -- SFT (stages 0 and 2) -------------------------------------------------------------------------------
-    def sft(self, stage: str, model, data, cfg: SFTConfig) -> None:
+    def sft(self, stage: str, model, data, cfg: SFTConfig, check=None) -> dict:
+        """``cfg.steps`` SFT steps on ``data(step)`` under a cosine schedule; with ``check`` (a function of the
+        model giving an :class:`EvalResult`, run every ``cfg.check_every`` steps on the weights' average,
+        ``cfg.check_average``) the rate stays at its peak
+        until ``check`` reaches ``cfg.pass_accuracy``, then decays over ``cfg.decay_steps`` and the stage ends
+        (``decay_steps = 0``: it ends there, on the average's weights).
+        Returns, with ``check``, the steps trained and the step the check passed at (None: never)."""
         model = self.dist.wrap(model)  # DDP / FSDP2 (identity in one process)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         warm = int(cfg.warmup_ratio * cfg.steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, ckpt.lr_lambda("cosine", cfg.steps, warm, cfg.min_lr_ratio))
-        start = self._maybe_resume(stage, model, opt, sched, logged=-1)  # step s is logged as s
+        if check is None:
+            sched = ckpt.lr_lambda("cosine", cfg.steps, warm, cfg.min_lr_ratio)
+        else:
+            sched = ckpt.DecayOnPass(cfg.steps, warm, cfg.decay_steps, cfg.min_lr_ratio)
+        schedule, sched = sched, torch.optim.lr_scheduler.LambdaLR(opt, sched)
+        average = None
+        if check is not None and cfg.check_average:
+            if is_sharded(model):
+                raise ConfigError(f"{stage}.check_average: the weight average needs whole weights on each rank; "
+                                  "FSDP2 shards them (use DDP, or set check_average = 0)")
+            average = WeightAverage(unwrap(model), cfg.check_average)
+        start = self._maybe_resume(stage, model, opt, sched, logged=-1, average=average)  # step s logged as s
+        end = schedule.end if check is not None else cfg.steps
         model.train()
-        bar = progress(cfg.steps, stage, disable=not self.show_progress)
+        bar = progress(end, stage, disable=not self.show_progress)
         bar.update(start)
         for step in range(start, cfg.steps):
+            if step >= end:  # the check passed and the decay is over
+                break
             t0 = time.time()
             u = sft_update(model, self.dist.shard(data(step)), opt, micro_batch_size=cfg.micro_batch_size,
                            grad_clip=cfg.grad_clip, device=self.device, dist=self.dist)
             sched.step()
+            if average is not None:
+                average.update(unwrap(model))
             dt = time.time() - t0
             m = {"loss/sft": u["loss/sft"], "policy/grad_norm": u["policy/grad_norm"],
                  "charts/lr": sched.get_last_lr()[0], "perf/tokens_per_s": u["tokens"] / max(dt, 1e-9)}
             m = self.dist.reduce_metrics(m, weight=u["rows"])
-            if step % self.cfg.log_every == 0 or step == cfg.steps - 1:
+            if (check is not None and schedule.decay_from is None and (step + 1) % cfg.check_every == 0
+                    and step + 1 >= cfg.check_from):
+                m.update(self._check(average.module if average else model, check).scalars("check"))
+                if m["accuracy/check"] >= cfg.pass_accuracy:
+                    schedule.start_decay(step + 1)
+                    end = schedule.end
+                    bar.total = end
+                    then = f"the rate decays over {end - step - 1} steps" if end > step + 1 else "it ends on the average"
+                    print(f"[{stage}] check passed at step {step + 1} (accuracy {m['accuracy/check']:.3f} >= "
+                          f"{cfg.pass_accuracy}); {then}")
+            if step % self.cfg.log_every == 0 or step == end - 1 or "accuracy/check" in m:
                 self.logger.log(stage, step, m)
             bar.set_postfix(postfix(m))
             bar.update(1)
-            self._checkpoint(stage, step + 1, cfg.checkpoint_every, model, opt, sched)
+            self._checkpoint(stage, step + 1, cfg.checkpoint_every, model, opt, sched,
+                             extra={"average": average.state_dict()} if average else None)
         bar.close()
         model.eval()
+        if check is None:
+            return {}
+        if not cfg.decay_steps:  # no decay: the stage's weights are the average the check passed on
+            unwrap(model).load_state_dict(average.state_dict())
+        if schedule.decay_from is None:
+            print(f"[{stage}] the check never reached {cfg.pass_accuracy} in {cfg.steps} steps; the seed may be "
+                  "weak (docs/results.md)")
+        return {"steps": end, "check_passed_at": schedule.decay_from}
 
-    def _checkpoint(self, stage: str, done: int, every: int, model, opt, sched) -> None:
+    def _check(self, model, check) -> EvalResult:
+        """``check`` on whole weights in eval mode; every rank uses rank 0's result so all stop together."""
+        was = model.training
+        with torch.no_grad(), self.dist.full_weights(model):
+            res = check(unwrap(model))
+        model.train(was)
+        return EvalResult.from_dict(self.dist.broadcast_object(res.__dict__))
+
+    def _checkpoint(self, stage: str, done: int, every: int, model, opt, sched, extra: dict | None = None) -> None:
         """Save the training state every ``every`` steps (data position = steps done: problems are a function
         of the step); honour ``stop_after``."""
         stop = self.stop_after.get(stage) == done
         if (every and done % every == 0) or stop:
-            self.dist.save_train_state(self.run_dir / f"{stage}.state.pt", model, opt, sched, done, done)
+            self.dist.save_train_state(self.run_dir / f"{stage}.state.pt", model, opt, sched, done, done, extra)
         if stop:
             self.logger.flush()
             raise Interrupted(f"{stage} stopped after step {done} (stop_after)")
 
-    def _maybe_resume(self, stage, model, opt, sched, logged: int = 0) -> int:
+    def _maybe_resume(self, stage, model, opt, sched, logged: int = 0, average: WeightAverage | None = None) -> int:
         """Restore ``stage``'s training state if ``--resume`` finds one; returns the steps already done. The killed
         attempt's rows past that point are dropped by their step, so each step is logged once whatever the clocks
         did. ``logged``: the step of the row that records the ``done``-th step, less ``done`` (SFT -1, RL 0)."""
         state = self.run_dir / f"{stage}.state.pt"
         done = 0
         if self.resume and state.exists():
-            done = int(self.dist.load_train_state(state, model, opt, sched)["step"])
+            saved = self.dist.load_train_state(state, model, opt, sched)
+            done = int(saved["step"])
+            if average is not None:
+                average.load_state_dict(saved["extra"]["average"])
             print(f"[{stage}] resumed at step {done} from {state}")
         if self.resume and self.dist.is_main:
             data = self.run_dir / "stage2_data.jsonl"
@@ -653,12 +713,14 @@ class NPRTrainer:
         return self.evaluate(model, stage, mode=mode, log=False)
 
     @torch.no_grad()
-    def evaluate(self, model, stage: str, mode: str, log: bool = True) -> EvalResult:
-        """Held-out accuracy (greedy by default) with parallel stats, in the stage's decoding mode."""
+    def evaluate(self, model, stage: str, mode: str, log: bool = True,
+                 problems: list[Problem] | None = None) -> EvalResult:
+        """Held-out accuracy (greedy by default) with parallel stats, in the stage's decoding mode (``problems``:
+        others than the held-out ones)."""
         e = self.cfg.eval
         engine = self.engine(model)
         model.eval()
-        problems = self.eval_problems
+        problems = self.eval_problems if problems is None else problems
         params = self.sampling(e.temperature, e.top_p, 0, e.max_new_tokens, seed=self.cfg.seed + 17)
         rollouts = engine.generate([self.prompt_ids(p) for p in problems], params, mode=mode)
         results = [R.score("papo", r.graph, p.answer, truncated=r.truncated) for r, p in zip(rollouts, problems)]

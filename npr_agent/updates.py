@@ -1,6 +1,7 @@
 """The learner's updates: one SFT step and one RL step over a batch, with the on-policy check.
 
     sft_update(model, samples, opt, micro_batch_size=8, grad_clip=1.0)            # stages 0 and 2
+    WeightAverage(model, decay=0.99).update(model)                                  # stage 0's check
     policy_update(model, algo, kept, advantages, opt, micro_batch_size=32, grad_clip=1.0, check=rollouts)
 
 Each is the optimizer loop over length-sorted micro-batches, the loss calls and the metrics. Losses divide token
@@ -12,6 +13,7 @@ backward and the idle micro-batches of FSDP2; with the default (one process) all
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -122,3 +124,25 @@ def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tens
     m["policy/entropy"] = dist.sum(ent_sum) / max(1, n)  # global already: the same on every rank
     m["batch/updated"] = 1.0
     return m
+
+
+class WeightAverage:
+    """An exponential moving average of a module's weights, in a copy of the module (:attr:`module`).
+
+    At a high constant learning rate a model's greedy accuracy is a poor guess of what the same weights give once
+    the rate decays; the average of the recent weights is a good one, so stage 0 checks the average."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()],
+                             1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)

@@ -133,7 +133,9 @@ def test_cli_smoke_entry_point(tmp_path):
 def test_the_curriculum_config_changes_only_its_fields():
     """configs/tiny-curriculum.toml (docs/results.md) is the tiny preset with the fields it names, nothing else."""
     cfg, tiny = load_file("configs/tiny-curriculum.toml"), preset("tiny")
-    named = {("stage0", "steps"): 700, ("stage0", "parallel_fraction_start"): 0.2, ("stage0", "parallel_fraction"): 0.8,
+    named = {("stage0", "steps"): 1300, ("stage0", "ramp_steps"): 600, ("stage0", "parallel_fraction_start"): 0.2,
+             ("stage0", "parallel_fraction"): 0.8, ("stage0", "check_every"): 50, ("stage0", "pass_accuracy"): 0.95,
+             ("stage0", "decay_steps"): 0,
              ("stage1", "steps"): 8, ("stage2", "target_kept"): 350, ("stage2", "epochs_cap"): 48,
              ("stage2", "steps"): 500, ("stage3", "steps"): 60, ("stage3", "eval_every"): 0}
     for (part, field), value in named.items():
@@ -151,8 +153,95 @@ def test_stage0_parallel_share_is_constant_or_a_linear_ramp():
     cfg = apply_overrides(preset("tiny"), ["stage0.parallel_fraction_start=0.2", "stage0.parallel_fraction=0.8",
                                            "stage0.steps=701"]).stage0
     assert [round(parallel_share(cfg, s), 6) for s in (0, 350, 700)] == [0.2, 0.5, 0.8]
+    cfg.ramp_steps = 351  # the ramp ends at step 350, then holds
+    assert [round(parallel_share(cfg, s), 6) for s in (0, 175, 350, 700)] == [0.2, 0.5, 0.8, 0.8]
     with pytest.raises(ConfigError, match="stage0.parallel_fraction_start"):
         validate(apply_overrides(preset("tiny"), ["stage0.parallel_fraction_start=1.5"]))
+
+
+def test_decay_on_pass_holds_the_peak_until_the_check_passes_and_survives_a_resume():
+    """Warmup, the peak rate until start_decay, a cosine decay to min_ratio over `decay` steps, then the end; the
+    budget forces the decay by total - decay; LambdaLR's state_dict carries where the decay started."""
+    import torch
+
+    from npr_agent.checkpoint import DecayOnPass
+
+    f = DecayOnPass(total=100, warmup=4, decay=10, min_ratio=0.1)
+    assert [f(s) for s in (0, 3, 4, 50, 89)] == [0.25, 1.0, 1.0, 1.0, 1.0] and f.end == 100
+    assert f(95) < 1.0 and f(100) == pytest.approx(0.1)  # not passed: the budget's last 10 steps decay
+    f.start_decay(30)
+    f.start_decay(40)  # the first pass counts
+    assert (f.decay_from, f.end) == (30, 40)
+    assert f(29) == 1.0 and f(35) == pytest.approx(0.55) and f(40) == pytest.approx(0.1)
+    assert DecayOnPass(total=20, warmup=0, decay=10).end == 20
+    late = DecayOnPass(total=20, warmup=0, decay=10)
+    late.start_decay(15)
+    assert late.end == 20  # never past the budget
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    g = DecayOnPass(total=100, warmup=4, decay=10, min_ratio=0.1)
+    torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                                      g).load_state_dict(sched.state_dict())
+    assert (g.decay_from, g.end) == (30, 40)
+
+
+def test_stage0_trains_until_its_check_passes_then_decays_and_stops(tmp_path):
+    """stage0.check_every: the seed is checked on held-apart training problems; once their accuracy reaches
+    pass_accuracy the rate decays over decay_steps and the stage ends; a check that never passes uses the
+    budget. The summary says where, the metrics log every check, and a resume mid-decay ends at the same step."""
+    cfg = tiny_cfg()
+    cfg.stage0.steps, cfg.stage0.check_every, cfg.stage0.check_problems, cfg.stage0.decay_steps = 20, 4, 2, 3
+    cfg.stage0.pass_accuracy = 0.0  # passes at the first check
+    summary = NPRTrainer(cfg, tmp_path / "pass", show_progress=False).run(("stage0",))
+    assert (summary["stage0"]["check_passed_at"], summary["stage0"]["steps"]) == (4, 7)
+    r = rows(tmp_path / "pass", "stage0")
+    assert max(r) == 6 and r[3]["accuracy/check"] == 0.0 and r[6]["charts/lr"] == pytest.approx(3e-4)
+    t = NPRTrainer(cfg, tmp_path / "resumed", show_progress=False)
+    t.stop_after = {"stage0": 5}
+    with pytest.raises(Interrupted):
+        t.run(("stage0",))
+    resumed = NPRTrainer(cfg, tmp_path / "resumed", resume=True, show_progress=False).run(("stage0",))
+    assert (resumed["stage0"]["check_passed_at"], resumed["stage0"]["steps"]) == (4, 7)
+    assert rows(tmp_path / "resumed", "stage0")[6]["loss/sft"] == pytest.approx(r[6]["loss/sft"], abs=1e-6)
+
+    cfg.stage0.decay_steps = 0  # no decay: the stage ends at the pass, on the weight average
+    summary = NPRTrainer(cfg, tmp_path / "average", show_progress=False).run(("stage0",))
+    assert (summary["stage0"]["check_passed_at"], summary["stage0"]["steps"]) == (4, 4)
+    cfg.stage0.decay_steps = 3
+
+    cfg.stage0.pass_accuracy, cfg.stage0.steps = 1.0, 10  # an untrained seed never passes
+    cfg.stage0.parallel_fraction_start, cfg.stage0.ramp_steps = 0.2, 5  # and is checked from the ramp's end
+    summary = NPRTrainer(cfg, tmp_path / "budget", show_progress=False).run(("stage0",))
+    assert (summary["stage0"]["check_passed_at"], summary["stage0"]["steps"]) == (None, 10)
+    assert sorted(s for s, x in rows(tmp_path / "budget", "stage0").items() if "accuracy/check" in x) == [7]
+    for bad in (["stage0.ramp_steps=0"], ["stage0.ramp_steps=1300", "stage0.steps=1300"]):
+        with pytest.raises(ConfigError, match="stage0.ramp_steps"):
+            validate(apply_overrides(preset("tiny"), ["stage0.check_every=50", "stage0.parallel_fraction_start=0.2",
+                                                      *bad]))
+    with pytest.raises(ConfigError, match="stage0.check_problems"):
+        validate(apply_overrides(preset("tiny"), ["stage0.check_every=50", "stage0.check_problems=0"]))
+    with pytest.raises(ConfigError, match="stage0.pass_accuracy"):
+        validate(apply_overrides(preset("tiny"), ["stage0.pass_accuracy=1.5"]))
+    with pytest.raises(ConfigError, match="stage0.decay_steps"):
+        validate(apply_overrides(preset("tiny"), ["stage0.check_every=50", "stage0.decay_steps=0",
+                                                  "stage0.check_average=0"]))
+
+
+def test_weight_average_is_an_exponential_moving_average_of_the_weights():
+    import torch
+
+    from npr_agent.updates import WeightAverage
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    avg = WeightAverage(model, decay=0.75)
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    avg.update(model)
+    assert torch.allclose(avg.module.weight, torch.full((1, 2), 2.0))  # 0.75 * 1 + 0.25 * 5
+    assert not avg.module.weight.requires_grad and model.weight.requires_grad
 
 
 def test_config_errors_name_the_key(tmp_path):
