@@ -129,8 +129,8 @@ def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tens
 class WeightAverage:
     """An exponential moving average of a module's weights, in a copy of the module (:attr:`module`).
 
-    At a high constant learning rate a model's greedy accuracy is a poor guess of what the same weights give once
-    the rate decays; the average of the recent weights is a good one, so stage 0 checks the average."""
+    At a constant peak learning rate the weights jump from step to step; stage 0 checks (and may end on) the
+    average of the last ~1 / (1 - decay) steps, so one lucky step cannot pass the check."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay

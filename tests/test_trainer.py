@@ -135,6 +135,7 @@ def test_the_curriculum_config_changes_only_its_fields():
     cfg, tiny = load_file("configs/tiny-curriculum.toml"), preset("tiny")
     named = {("stage0", "steps"): 1300, ("stage0", "ramp_steps"): 600, ("stage0", "parallel_fraction_start"): 0.2,
              ("stage0", "parallel_fraction"): 0.8, ("stage0", "check_every"): 50, ("stage0", "pass_accuracy"): 0.95,
+             ("stage0", "check_problems"): 128,
              ("stage0", "decay_steps"): 0,
              ("stage1", "steps"): 8, ("stage2", "target_kept"): 350, ("stage2", "epochs_cap"): 48,
              ("stage2", "steps"): 500, ("stage3", "steps"): 60, ("stage3", "eval_every"): 0}
