@@ -196,10 +196,15 @@ class DecayOnPass:
     """LR multiplier for a stage that trains until a check passes: linear warmup, the peak rate until
     :meth:`start_decay` is called, then a cosine decay over ``decay`` steps to ``min_ratio``; :attr:`end` is the
     step the stage stops at. The decay starts by ``total - decay`` whatever the check says, so ``total`` is a
-    budget. A callable object, so ``LambdaLR.state_dict`` saves ``decay_from`` and a resumed run keeps it."""
+    budget. ``fall_from`` (with ``decay = 0``): from that step the rate falls along a cosine to ``min_ratio`` at
+    ``total`` instead of holding its peak, and a pass ends the stage wherever the rate is. A callable object, so
+    ``LambdaLR.state_dict`` saves ``decay_from`` and a resumed run keeps it."""
 
-    def __init__(self, total: int, warmup: int, decay: int, min_ratio: float = 0.0):
+    def __init__(self, total: int, warmup: int, decay: int, min_ratio: float = 0.0, fall_from: int | None = None):
+        if fall_from is not None and decay:
+            raise ValueError("DecayOnPass: fall_from needs decay = 0 (the rate is already falling at the pass)")
         self.total, self.warmup, self.decay, self.min_ratio = total, warmup, decay, min_ratio
+        self.fall_from = fall_from
         self.decay_from: int | None = None
 
     @property
@@ -216,6 +221,9 @@ class DecayOnPass:
 
         if self.warmup > 0 and step < self.warmup:
             return (step + 1) / self.warmup
+        if self.fall_from is not None and step >= self.fall_from:
+            t = min(1.0, (step - self.fall_from) / max(1, self.total - self.fall_from))
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
         start = max(self.total - self.decay, 0) if self.decay_from is None else self.decay_from
         if step < start:
             return 1.0

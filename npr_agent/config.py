@@ -116,6 +116,10 @@ class Stage0Config(SFTConfig):
     pass_accuracy: float = 0.95
     check_average: float = 0.99  # 0: check the live weights, which jump from step to step at the peak rate
     decay_steps: int = 100
+    # the rate until the check passes: "constant" (the peak), or "cosine": from the first check step it falls
+    # along a cosine to min_lr_ratio at the budget's end, so a slow seed trains on at a falling rate (needs
+    # decay_steps = 0)
+    rate_until_pass: Literal["constant", "cosine"] = "constant"
     ramp_steps: int = 0  # the steps the share ramp (parallel_fraction_start) takes; 0: `steps`
 
     @property
@@ -515,6 +519,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.stage0.check_every and cfg.stage0.ramp_steps >= cfg.stage0.steps:
         raise ConfigError(f"stage0.ramp_steps: {cfg.stage0.ramp_steps} leaves no step of the {cfg.stage0.steps}-step "
                           "budget to check the seed in; give ramp_steps < stage0.steps")
+    _one_of("stage0.rate_until_pass", cfg.stage0.rate_until_pass, ("constant", "cosine"))
+    if cfg.stage0.rate_until_pass == "cosine" and cfg.stage0.decay_steps:
+        raise ConfigError("stage0.rate_until_pass: 'cosine' already lowers the rate before the pass; set "
+                          "stage0.decay_steps = 0 (the stage then ends at the pass)")
     if cfg.stage0.check_every and not cfg.stage0.decay_steps and not cfg.stage0.check_average:
         raise ConfigError("stage0.decay_steps: 0 ends stage 0 on the weight average the check passed on, which "
                           "needs stage0.check_average > 0 (or give decay_steps > 0)")

@@ -392,7 +392,8 @@ class NPRTrainer:
         if check is None:
             sched = ckpt.lr_lambda("cosine", cfg.steps, warm, cfg.min_lr_ratio)
         else:
-            sched = ckpt.DecayOnPass(cfg.steps, warm, cfg.decay_steps, cfg.min_lr_ratio)
+            fall = cfg.check_from if cfg.rate_until_pass == "cosine" else None
+            sched = ckpt.DecayOnPass(cfg.steps, warm, cfg.decay_steps, cfg.min_lr_ratio, fall_from=fall)
         schedule, sched = sched, torch.optim.lr_scheduler.LambdaLR(opt, sched)
         average = None
         if check is not None and cfg.check_average:

@@ -179,6 +179,15 @@ def test_decay_on_pass_holds_the_peak_until_the_check_passes_and_survives_a_resu
     late.start_decay(15)
     assert late.end == 20  # never past the budget
 
+    fall = DecayOnPass(total=100, warmup=0, decay=0, min_ratio=0.1, fall_from=50)  # rate_until_pass = "cosine"
+    assert fall(49) == 1.0 and fall(75) == pytest.approx(0.55) and fall(100) == pytest.approx(0.1)
+    fall.start_decay(60)
+    assert fall.end == 60 and fall(55) < 1.0
+    with pytest.raises(ValueError, match="fall_from"):
+        DecayOnPass(total=100, warmup=0, decay=10, fall_from=50)
+    with pytest.raises(ConfigError, match="stage0.rate_until_pass"):
+        validate(apply_overrides(preset("tiny"), ["stage0.rate_until_pass=cosine", "stage0.decay_steps=10"]))
+
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
     g = DecayOnPass(total=100, warmup=4, decay=10, min_ratio=0.1)
