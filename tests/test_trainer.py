@@ -133,7 +133,7 @@ def test_cli_smoke_entry_point(tmp_path):
 def test_the_curriculum_config_changes_only_its_fields():
     """configs/tiny-curriculum.toml (docs/results.md) is the tiny preset with the fields it names, nothing else."""
     cfg, tiny = load_file("configs/tiny-curriculum.toml"), preset("tiny")
-    named = {("stage0", "steps"): 1300, ("stage0", "ramp_steps"): 600, ("stage0", "parallel_fraction_start"): 0.2,
+    named = {("stage0", "steps"): 1300, ("stage0", "ramp_steps"): 400, ("stage0", "parallel_fraction_start"): 0.2,
              ("stage0", "parallel_fraction"): 0.8, ("stage0", "check_every"): 50, ("stage0", "pass_accuracy"): 0.95,
              ("stage0", "check_problems"): 128,
              ("stage0", "decay_steps"): 0,
