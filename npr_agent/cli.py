@@ -26,6 +26,8 @@ def smoke(cfg: TrainConfig) -> TrainConfig:
     cfg.name += "-smoke"
     cfg.tasks.eval_size = 8
     cfg.stage0.steps, cfg.stage0.batch_size = 30, 16
+    # no check (30 steps cannot pass one; tests/test_trainer.py runs it), the share ramp over the 30 steps
+    cfg.stage0.check_every, cfg.stage0.ramp_steps = 0, 0
     for rl in (cfg.stage1, cfg.stage3):
         rl.steps, rl.prompts_per_step, rl.group_size, rl.eval_every = 2, 2, 4, 0
     cfg.stage2.num_problems, cfg.stage2.tries, cfg.stage2.steps, cfg.stage2.batch_size = 8, 4, 4, 8

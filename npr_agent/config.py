@@ -88,14 +88,16 @@ class SFTConfig:
 
 @dataclass
 class Stage0Config(SFTConfig):
-    """The tiny preset's seed model: SFT from scratch on worked solutions, mostly sequential."""
+    """The tiny preset's seed model: SFT from scratch on worked solutions, trained until a check passes."""
 
-    steps: int = 700
-    parallel_fraction: float = 0.2
-    # A curriculum over the mix: the share of NPR solutions at step 0, rising linearly to parallel_fraction at
-    # the last step (None: parallel_fraction throughout). The seed's late loss drop (learning to find a group's
-    # digits) comes at a seed-dependent step; a ramp from 0.2 brings it earlier (configs/tiny-curriculum.toml).
-    parallel_fraction_start: float | None = None
+    # a budget: with check_every > 0 the stage ends when the check passes (step 500-1150 on seeds 0-4)
+    steps: int = 1300
+    # the share of NPR-format solutions (as causal text; the rest are plain sequential ones) in each batch
+    parallel_fraction: float = 0.8
+    # A curriculum over the mix: the share at step 0, rising linearly to parallel_fraction at ramp_steps, then
+    # held (None: parallel_fraction throughout). The seed's late loss drop (learning to find a group's digits)
+    # comes at a seed-dependent step; the ramp brings it earlier (docs/results.md, "A seed curriculum").
+    parallel_fraction_start: float | None = 0.2
     # Layouts the parallel-style solutions train under. "sequential": causal text only, so the seed never sees
     # the parallel layout before stage 2. "both": each is also trained under the parallel layout (a step
     # starts where its siblings start and sees none of them). Measured (docs/results.md): "both" lets the
@@ -106,21 +108,22 @@ class Stage0Config(SFTConfig):
     # seen the tag tokens writes them (a BPE vocabulary; the char tokenizer has no pieces to spell them in).
     spelled_tags: bool = False
     # Train until the seed can do the task, not for a fixed count: with check_every > 0, every check_every steps
-    # an average of the recent weights (check_average: EMA decay per step) decodes check_problems training
-    # problems never trained on (greedy, sequential mode); the learning rate stays at its peak until their
-    # accuracy reaches pass_accuracy, then decays over decay_steps and the stage ends (decay_steps = 0: it ends
-    # there, on the average's weights). `steps` is then a budget (the decay starts by steps - decay_steps).
-    # check_every = 0: one cosine schedule over `steps`.
-    check_every: int = 0
+    # from the ramp's end an average of the recent weights (check_average: EMA decay per step) decodes
+    # check_problems training problems never trained on (greedy, sequential mode); the learning rate stays at its
+    # peak until their accuracy reaches pass_accuracy, then decays over decay_steps and the stage ends
+    # (decay_steps = 0: it ends there, on the average's weights). `steps` is then a budget (the decay starts by
+    # steps - decay_steps). check_every = 0: one cosine schedule over `steps` (the preset before the check:
+    # configs/tiny-fixed-budget.toml).
+    check_every: int = 50
     check_problems: int = 128  # 64 let a 0.90 seed pass 0.95 one check in ten (docs/results.md)
     pass_accuracy: float = 0.95
     check_average: float = 0.99  # 0: check the live weights, which jump from step to step at the peak rate
-    decay_steps: int = 100
+    decay_steps: int = 0
     # the rate until the check passes: "constant" (the peak), or "cosine": from the first check step it falls
     # along a cosine to min_lr_ratio at the budget's end, so a slow seed trains on at a falling rate (needs
     # decay_steps = 0)
     rate_until_pass: Literal["constant", "cosine"] = "constant"
-    ramp_steps: int = 0  # the steps the share ramp (parallel_fraction_start) takes; 0: `steps`
+    ramp_steps: int = 400  # the steps the share ramp (parallel_fraction_start) takes; 0: `steps`
 
     @property
     def check_from(self) -> int:
@@ -159,7 +162,7 @@ class Stage1Config(RLConfig):
     """NPR-Zero: DAPO, sequential rollouts, relaxed constraints, format-then-accuracy reward."""
 
     algorithm: str = "dapo"
-    steps: int = 20
+    steps: int = 8  # the seed that passed its check writes the format already (stage-1 valid rate 1.00)
     lr: float = 5e-5
     eval_every: int = 0  # held-out evals at the start and the end only (one mid-stage eval costs ~25 s)
     mode: EngineMode = "sequential"
@@ -170,23 +173,23 @@ class Stage1Config(RLConfig):
 class Stage2Config(SFTConfig):
     """NPR-Beta: rejection sampling from the stage-1 model, then parallel SFT from the seed model."""
 
-    # 256 problems (~245 kept): stage 2 is data-limited (~0.95 held-out) and PAPO's fresh on-policy samples
-    # add to it; with 1024 it reaches ~0.99 and PAPO has nothing left to fix (docs/results.md).
+    # problems per rejection-sampling batch; with target_kept = 350 a seed that passed its check keeps ~500 of
+    # two batches (docs/results.md)
     num_problems: int = 256
     # While fewer than `target_kept` trajectories are kept, rejection-sample another `num_problems` fresh
     # problems, at most `max_problems` in all: a weak stage-1 model (seed 3 kept 126 of 256) still gives
     # stage 2 enough data. 0: one batch only.
-    target_kept: int = 200
+    target_kept: int = 350
     max_problems: int = 1024
     tries: int = 8  # samples per problem; the first correct and format-perfect one is kept
     tries_per_round: int = 2  # drawn per open problem per round (problems solved early cost no more samples)
     temperature: float = 1.0
     max_new_tokens: int = 448
-    steps: int = 400
+    steps: int = 250
     lr: float = 1e-3
-    # at most this many passes over the kept trajectories; more data and more passes lift stage 2 on every seed
-    # measured, but need a seed that yields the data in time (configs/tiny-curriculum.toml, docs/results.md)
-    epochs_cap: int = 24
+    # at most this many passes over the kept trajectories; more data and more passes lifted stage 2 on every
+    # seed measured (docs/results.md); from a seed that passed its check 250 steps reach 0.99-1.00
+    epochs_cap: int = 48
     # Below `min_kept` kept trajectories, add the tasks' worked parallel solutions (logged as
     # rejection/from_solutions). Only procedural tasks have them; off for real models.
     min_kept: int = 64
@@ -201,9 +204,9 @@ class Stage3Config(RLConfig):
     """NPR: PAPO with the engine in parallel mode."""
 
     algorithm: str = "papo"
-    steps: int = 150
+    steps: int = 60
     lr: float = 2e-5  # 1e-4 moved faster but was noisier and ended lower
-    eval_every: int = 25
+    eval_every: int = 0  # held-out evals at the start and the end only
 
 
 @dataclass
@@ -255,7 +258,8 @@ def preset(name: str) -> TrainConfig:
                                 max_new_tokens=30000, algorithm_args={"clip_low": 0.2, "clip_high": 0.28}),
             stage2=Stage2Config(num_problems=8000, tries=8, max_new_tokens=30000, steps=1000, batch_size=8,
                                 lr=1e-6, warmup_ratio=0.05, epochs_cap=1, target_kept=0, fill_from_solutions=False),
-            stage3=Stage3Config(steps=200, prompts_per_step=16, group_size=16, lr=1e-7, max_new_tokens=30000),
+            stage3=Stage3Config(steps=200, prompts_per_step=16, group_size=16, lr=1e-7, max_new_tokens=30000,
+                                eval_every=25),
             eval=EvalConfig(temperature=1.0, top_p=0.7, max_new_tokens=30000),
         )
     raise ConfigError(f"unknown preset {name!r}; choose 'tiny' or 'qwen3-4b'")
@@ -518,7 +522,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           "(the check runs from the ramp's end); give ramp_steps < stage0.steps")
     if cfg.stage0.check_every and cfg.stage0.ramp_steps >= cfg.stage0.steps:
         raise ConfigError(f"stage0.ramp_steps: {cfg.stage0.ramp_steps} leaves no step of the {cfg.stage0.steps}-step "
-                          "budget to check the seed in; give ramp_steps < stage0.steps")
+                          "budget to check the seed in; give ramp_steps < stage0.steps, or stage0.check_every = 0 to train "
+                          "for a fixed stage0.steps")
     _one_of("stage0.rate_until_pass", cfg.stage0.rate_until_pass, ("constant", "cosine"))
     if cfg.stage0.rate_until_pass == "cosine" and cfg.stage0.decay_steps:
         raise ConfigError("stage0.rate_until_pass: 'cosine' already lowers the rate before the pass; set "

@@ -399,7 +399,8 @@ class NPRTrainer:
         if check is not None and cfg.check_average:
             if is_sharded(model):
                 raise ConfigError(f"{stage}.check_average: the weight average needs whole weights on each rank; "
-                                  "FSDP2 shards them (use DDP, or set check_average = 0)")
+                                  "FSDP2 shards them (use DDP; or check_average = 0 with decay_steps > 0; or "
+                                  "check_every = 0 for a fixed budget)")
             average = WeightAverage(unwrap(model), cfg.check_average)
         start = self._maybe_resume(stage, model, opt, sched, logged=-1, average=average)  # step s logged as s
         end = schedule.end if check is not None else cfg.steps

@@ -130,15 +130,7 @@ def test_cli_smoke_entry_point(tmp_path):
     assert (tmp_path / "cli" / "stage0" / "DONE").exists()
 
 
-def test_the_curriculum_config_changes_only_its_fields():
-    """configs/tiny-curriculum.toml (docs/results.md) is the tiny preset with the fields it names, nothing else."""
-    cfg, tiny = load_file("configs/tiny-curriculum.toml"), preset("tiny")
-    named = {("stage0", "steps"): 1300, ("stage0", "ramp_steps"): 400, ("stage0", "parallel_fraction_start"): 0.2,
-             ("stage0", "parallel_fraction"): 0.8, ("stage0", "check_every"): 50, ("stage0", "pass_accuracy"): 0.95,
-             ("stage0", "check_problems"): 128,
-             ("stage0", "decay_steps"): 0,
-             ("stage1", "steps"): 8, ("stage2", "target_kept"): 350, ("stage2", "epochs_cap"): 48,
-             ("stage2", "steps"): 500, ("stage3", "steps"): 60, ("stage3", "eval_every"): 0}
+def _differs_only_in(cfg, tiny, named: dict) -> None:
     for (part, field), value in named.items():
         assert getattr(getattr(cfg, part), field) == value, (part, field)
         setattr(getattr(cfg, part), field, getattr(getattr(tiny, part), field))
@@ -146,13 +138,27 @@ def test_the_curriculum_config_changes_only_its_fields():
     assert cfg.to_dict() == tiny.to_dict()
 
 
+def test_the_recipe_configs_change_only_their_fields():
+    """configs/tiny-curriculum.toml is the preset with the 500-step stage 2 measured in docs/results.md, and
+    configs/tiny-fixed-budget.toml the preset as it was before stage 0 trained until a check passed."""
+    tiny = preset("tiny")
+    _differs_only_in(load_file("configs/tiny-curriculum.toml"), tiny, {("stage2", "steps"): 500})
+    _differs_only_in(load_file("configs/tiny-fixed-budget.toml"), tiny, {
+        ("stage0", "steps"): 700, ("stage0", "parallel_fraction"): 0.2, ("stage0", "parallel_fraction_start"): None,
+        ("stage0", "check_every"): 0, ("stage0", "decay_steps"): 100, ("stage0", "ramp_steps"): 0,
+        ("stage1", "steps"): 20, ("stage2", "target_kept"): 200, ("stage2", "epochs_cap"): 24,
+        ("stage2", "steps"): 400, ("stage3", "steps"): 150, ("stage3", "eval_every"): 25})
+    for f in ("configs/tiny-curriculum.toml", "configs/tiny-fixed-budget.toml"):
+        validate(load_file(f))
+
+
 def test_stage0_parallel_share_is_constant_or_a_linear_ramp():
     """stage0.parallel_fraction_start ramps the share of NPR solutions to parallel_fraction at the last step;
     unset, every batch draws at parallel_fraction (so existing runs keep their data)."""
-    cfg = preset("tiny").stage0
+    cfg = load_file("configs/tiny-fixed-budget.toml").stage0
     assert [parallel_share(cfg, s) for s in (0, 350, 699)] == [0.2] * 3
     cfg = apply_overrides(preset("tiny"), ["stage0.parallel_fraction_start=0.2", "stage0.parallel_fraction=0.8",
-                                           "stage0.steps=701"]).stage0
+                                           "stage0.steps=701", "stage0.ramp_steps=0", "stage0.check_every=0"]).stage0
     assert [round(parallel_share(cfg, s), 6) for s in (0, 350, 700)] == [0.2, 0.5, 0.8]
     cfg.ramp_steps = 351  # the ramp ends at step 350, then holds
     assert [round(parallel_share(cfg, s), 6) for s in (0, 175, 350, 700)] == [0.2, 0.5, 0.8, 0.8]
@@ -203,6 +209,7 @@ def test_stage0_trains_until_its_check_passes_then_decays_and_stops(tmp_path):
     cfg = tiny_cfg()
     cfg.stage0.steps, cfg.stage0.check_every, cfg.stage0.check_problems, cfg.stage0.decay_steps = 20, 4, 2, 3
     cfg.stage0.pass_accuracy = 0.0  # passes at the first check
+    cfg.stage0.parallel_fraction_start = None  # no ramp: checked from step 0
     summary = NPRTrainer(cfg, tmp_path / "pass", show_progress=False).run(("stage0",))
     assert (summary["stage0"]["check_passed_at"], summary["stage0"]["steps"]) == (4, 7)
     r = rows(tmp_path / "pass", "stage0")
@@ -229,6 +236,9 @@ def test_stage0_trains_until_its_check_passes_then_decays_and_stops(tmp_path):
         with pytest.raises(ConfigError, match="stage0.ramp_steps"):
             validate(apply_overrides(preset("tiny"), ["stage0.check_every=50", "stage0.parallel_fraction_start=0.2",
                                                       *bad]))
+    with pytest.raises(ConfigError, match="stage0.ramp_steps.*stage0.check_every = 0"):  # a short stage 0 ...
+        validate(apply_overrides(preset("tiny"), ["stage0.steps=200"]))
+    validate(apply_overrides(preset("tiny"), ["stage0.steps=200", "stage0.check_every=0"]))  # ... at a fixed budget
     with pytest.raises(ConfigError, match="stage0.check_problems"):
         validate(apply_overrides(preset("tiny"), ["stage0.check_every=50", "stage0.check_problems=0"]))
     with pytest.raises(ConfigError, match="stage0.pass_accuracy"):
