@@ -205,7 +205,7 @@ class Stage3Config(RLConfig):
 
     algorithm: str = "papo"
     # from a stage 2 that left 39 / 9 errors of 512, 60 steps removed 21% / 22% of them and 150 steps 54% / 67%;
-    # at 1-5 errors the held-out accuracy stays within noise (docs/results.md)
+    # at 1-4 errors the held-out accuracy stays within noise (docs/results.md)
     steps: int = 150
     lr: float = 2e-5  # 1e-4 moved faster but was noisier and ended lower
     eval_every: int = 0  # held-out evals at the start and the end only
@@ -524,8 +524,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           "(the check runs from the ramp's end); give ramp_steps < stage0.steps")
     if cfg.stage0.check_every and cfg.stage0.ramp_steps >= cfg.stage0.steps:
         raise ConfigError(f"stage0.ramp_steps: {cfg.stage0.ramp_steps} leaves no step of the {cfg.stage0.steps}-step "
-                          "budget to check the seed in; give ramp_steps < stage0.steps, or stage0.check_every = 0 to train "
-                          "for a fixed stage0.steps")
+                          "budget to check the seed in; give ramp_steps < stage0.steps, or stage0.check_every = 0 "
+                          "to train for a fixed stage0.steps")
     _one_of("stage0.rate_until_pass", cfg.stage0.rate_until_pass, ("constant", "cosine"))
     if cfg.stage0.rate_until_pass == "cosine" and cfg.stage0.decay_steps:
         raise ConfigError("stage0.rate_until_pass: 'cosine' already lowers the rate before the pass; set "

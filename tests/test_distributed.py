@@ -224,7 +224,8 @@ def test_torchrun_trains_tiny_preset(tmp_path, strategy):
            "--out", str(out),
            "--quiet", "--stage", "stage0,stage1",
            "--set", "stage0.steps=4", "--set", "stage0.check_every=0", "--set", "stage0.batch_size=8",
-           "--set", "tasks.eval_size=4", "--set", "stage1.steps=2", "--set", "stage1.prompts_per_step=2", "--set", "stage1.group_size=2",
+           "--set", "tasks.eval_size=4",
+           "--set", "stage1.steps=2", "--set", "stage1.prompts_per_step=2", "--set", "stage1.group_size=2",
            "--set", "stage1.max_new_tokens=24", "--set", "stage1.eval_every=0", "--set", "eval.max_new_tokens=24",
            "--set", "checkpoint_every=1", "--set", "threads=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
