@@ -2,7 +2,14 @@
 faulty step (the diagnosis table of docs/results.md).
 
     python -m benchmarks.error_kinds --run runs/<run> --stage stage2 [--n 256] [--mode parallel]
+    python -m benchmarks.error_kinds --run runs/<run> --stage stage2,stage3 --n 2048   # what stage 3 fixed
     python -m benchmarks.error_kinds --copy-probe --run runs/<run> --stage stage0     # the seed's copying
+
+With several stages, each decodes the same problems and the last line compares the first stage with the last:
+the errors it removed (wrong before, right after) and introduced, and the share of the first one's errors that
+are gone. ``--n`` past the run's ``heldout.jsonl`` continues the run's own held-out stream (the same test split
+and seed, so the first rows are the recorded ones): at 1-4 errors in 512 a 25% removal is one problem, and a
+larger ``--n`` makes it a measurement.
 
 ``--copy-probe`` teacher-forces the worked parallel solutions of fresh test problems through a checkpoint
 (stage 0's seed, say) and reports the share of steps whose restated group (``A=7 3 2 4 8:``) is the model's
@@ -107,7 +114,30 @@ def copy_probe(model, tok, n: int = 128, seed: int = 12345) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def heldout(run: Path, n: int) -> list:
+    """The first ``n`` problems of ``run``'s held-out stream: its ``heldout.jsonl``, continued past its end by the
+    same test split of the run's task (procedural runs only)."""
+    from npr_agent.config import load_file
+    from npr_env.tasks import GroupSumTasks, Problem
+
+    rows = [json.loads(line) for line in (run / "heldout.jsonl").read_text().splitlines()]
+    problems = [Problem(id=r["id"], question=r["question"], answer=r["answer"], source="groupsum") for r in rows[:n]]
+    if n <= len(rows):
+        return problems
+    cfg = load_file(run / "config.json")
+    if cfg.tasks.benchmark:
+        raise SystemExit(f"{run}: --n {n} is past its {len(rows)} held-out problems, and a benchmark run's "
+                         f"held-out set cannot be extended")
+    t = cfg.tasks
+    stream = GroupSumTasks(seed=cfg.seed + 1, num_subproblems=t.num_subproblems, terms=t.terms, split="test")
+    more = stream.sample(n)
+    if [p.question for p in more[: len(rows)]] != [r["question"] for r in rows]:
+        raise SystemExit(f"{run}/heldout.jsonl: not the first problems of the run's test stream; cannot extend it")
+    return more
+
+
+def decode_errors(run: Path, stage: str, problems: list, mode: str, max_new_tokens: int) -> dict:
+    """Greedy decode of ``problems`` by ``run/stage``: accuracy, the error kinds, and the wrong problems' indices."""
     import torch
 
     from engine import NPREngine, SamplingParams
@@ -115,12 +145,45 @@ def main(argv: list[str] | None = None) -> int:
     from npr_agent.config import ModelConfig
     from npr_env import rewards as R
     from npr_env.prompts import PromptConfig, load_prompt_config, prompt_ids
-    from npr_env.tasks import Problem
+
+    model_dir = run / stage
+    tok = load_tokenizer(ModelConfig(path=str(model_dir)))
+    model = load_pretrained(model_dir).eval()
+    cfg = load_prompt_config(model_dir) or PromptConfig()
+    engine = NPREngine(model, tok)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
+    with torch.no_grad():
+        rollouts = engine.generate([prompt_ids(tok, p, cfg) for p in problems], params, mode=mode)
+    counts: Counter[str] = Counter()
+    wrong = []
+    for i, (p, r) in enumerate(zip(problems, rollouts)):
+        res = R.score("papo", r.graph, p.answer, truncated=r.truncated)
+        if not res.correct:
+            wrong.append(i)
+            counts[classify(p.question, r.graph.response_text(), bool(res.valid))] += 1
+    return {"run": str(run), "stage": stage, "mode": mode, "n": len(problems),
+            "accuracy": 1 - len(wrong) / max(1, len(problems)), **{k: counts[k] for k in KINDS}, "wrong": wrong}
+
+
+def compare(before: dict, after: dict) -> dict:
+    """What ``after`` did to ``before``'s errors on the same problems."""
+    b, a = set(before["wrong"]), set(after["wrong"])
+    return {"from": before["stage"], "to": after["stage"], "n": before["n"], "errors_before": len(b),
+            "errors_after": len(a), "removed": len(b - a), "introduced": len(a - b),
+            "net_removed_share": (len(b) - len(a)) / len(b) if b else 0.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from npr_agent.checkpoint import load_pretrained, load_tokenizer
+    from npr_agent.config import ModelConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a run directory (its heldout.jsonl is the problem list)")
-    ap.add_argument("--stage", default="stage2")
-    ap.add_argument("--n", type=int, default=256, help="the first n held-out problems")
+    ap.add_argument("--stage", default="stage2", help="a stage, or several (comma-separated) to compare")
+    ap.add_argument("--n", type=int, default=256, help="the first n held-out problems (past heldout.jsonl: the "
+                                                       "run's held-out stream continued)")
     ap.add_argument("--mode", default="parallel", choices=["parallel", "sequential"])
     ap.add_argument("--max-new-tokens", type=int, default=448)
     ap.add_argument("--threads", type=int, default=2)
@@ -129,32 +192,28 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    model_dir = run / args.stage
+    stages = [s for s in args.stage.split(",") if s]
+    missing = [s for s in stages if not (run / s / "config.json").exists()]
+    if missing:
+        raise SystemExit(f"{run}: no checkpoint for {', '.join(missing)} (looked for {run / missing[0]}/config.json)")
     if args.copy_probe:
+        model_dir = run / stages[0]
         tok = load_tokenizer(ModelConfig(path=str(model_dir)))
-        res = {"run": str(run), "stage": args.stage, "n": args.n,
+        res = {"run": str(run), "stage": stages[0], "n": args.n,
                **copy_probe(load_pretrained(model_dir).eval(), tok, args.n)}
         return _emit(res, args.json)
-    rows = [json.loads(line) for line in (run / "heldout.jsonl").read_text().splitlines()][: args.n]
-    problems = [Problem(id=r["id"], question=r["question"], answer=r["answer"], source="groupsum") for r in rows]
-    tok = load_tokenizer(ModelConfig(path=str(model_dir)))
-    model = load_pretrained(model_dir).eval()
-    cfg = load_prompt_config(model_dir) or PromptConfig()
-    engine = NPREngine(model, tok)
-    params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, seed=0)
-    with torch.no_grad():
-        rollouts = engine.generate([prompt_ids(tok, p, cfg) for p in problems], params, mode=args.mode)
-    counts: Counter[str] = Counter()
-    correct = 0
-    for p, r in zip(problems, rollouts):
-        res = R.score("papo", r.graph, p.answer, truncated=r.truncated)
-        if res.correct:
-            correct += 1
-            continue
-        counts[classify(p.question, r.graph.response_text(), bool(res.valid))] += 1
-    out = {"run": str(run), "stage": args.stage, "mode": args.mode, "n": len(problems),
-           "accuracy": correct / max(1, len(problems)), **{k: counts[k] for k in KINDS}}
-    return _emit(out, args.json)
+    problems = heldout(run, args.n)
+    results = [decode_errors(run, s, problems, args.mode, args.max_new_tokens) for s in stages]
+    for r in results:
+        _emit({k: v for k, v in r.items() if k != "wrong"}, None)
+    out: dict = {"stages": results}
+    if len(results) > 1:
+        out["compare"] = compare(results[0], results[-1])
+        _emit(out["compare"], None)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else out, indent=2))
+    return 0
 
 
 def _emit(res: dict, json_path: str | None) -> int:

@@ -111,3 +111,26 @@ def test_a_source_at_the_ceiling_gets_a_warning(tmp_path):
         note = ablation.ceiling_note(tmp_path)
         assert (note is not None) == warned
     assert "0.960" in note and "0.6-0.8" in note
+
+
+def test_error_kinds_compares_stages_on_the_held_out_stream_continued(source, tmp_path):
+    """Past heldout.jsonl the problems continue the run's own test stream; the comparison counts the first stage's
+    errors that the last one removed and the ones it introduced, on the same problems."""
+    from benchmarks import error_kinds
+
+    recorded = [json.loads(line)["question"] for line in (source / "heldout.jsonl").read_text().splitlines()]
+    problems = error_kinds.heldout(source, len(recorded) + 3)
+    assert [p.question for p in problems[: len(recorded)]] == recorded and len(problems) == len(recorded) + 3
+    out = tmp_path / "cmp.json"
+    error_kinds.main(["--run", str(source), "--stage", "stage1,stage2", "--n", str(len(problems)),
+                      "--max-new-tokens", "48", "--threads", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    before, after = (set(s["wrong"]) for s in res["stages"])
+    c = res["compare"]
+    assert (c["from"], c["to"], c["n"]) == ("stage1", "stage2", len(problems))
+    assert (c["errors_before"], c["errors_after"]) == (len(before), len(after))
+    assert (c["removed"], c["introduced"]) == (len(before - after), len(after - before))
+    for s in res["stages"]:
+        assert s["accuracy"] == pytest.approx(1 - len(s["wrong"]) / len(problems))
+    with pytest.raises(SystemExit, match="stage3"):
+        error_kinds.main(["--run", str(source), "--stage", "stage2,stage3"])
