@@ -118,19 +118,17 @@ def heldout(run: Path, n: int) -> list:
     """The first ``n`` problems of ``run``'s held-out stream: its ``heldout.jsonl``, continued past its end by the
     same test split of the run's task (procedural runs only)."""
     from npr_agent.config import load_file
-    from npr_env.tasks import GroupSumTasks, Problem
+    from npr_agent.trainer import heldout_stream
+    from npr_env.tasks import Problem
 
     rows = [json.loads(line) for line in (run / "heldout.jsonl").read_text().splitlines()]
-    problems = [Problem(id=r["id"], question=r["question"], answer=r["answer"], source="groupsum") for r in rows[:n]]
     if n <= len(rows):
-        return problems
+        return [Problem(id=r["id"], question=r["question"], answer=r["answer"], source="groupsum") for r in rows[:n]]
     cfg = load_file(run / "config.json")
     if cfg.tasks.benchmark:
         raise SystemExit(f"{run}: --n {n} is past its {len(rows)} held-out problems, and a benchmark run's "
                          f"held-out set cannot be extended")
-    t = cfg.tasks
-    stream = GroupSumTasks(seed=cfg.seed + 1, num_subproblems=t.num_subproblems, terms=t.terms, split="test")
-    more = stream.sample(n)
+    more = heldout_stream(cfg).sample(n)
     if [p.question for p in more[: len(rows)]] != [r["question"] for r in rows]:
         raise SystemExit(f"{run}/heldout.jsonl: not the first problems of the run's test stream; cannot extend it")
     return more

@@ -103,6 +103,14 @@ def split_heldout(problems: list[Problem], eval_size: int, seed: int, where: str
     return problems[n:], problems[:n]
 
 
+def heldout_stream(cfg: TrainConfig) -> npr_env.tasks.GroupSumTasks:
+    """A procedural run's held-out problems, in order: its first ``tasks.eval_size`` are ``heldout.jsonl``, and a
+    longer sample continues them (the test split under ``seed + 1``, disjoint from training by construction)."""
+    t = cfg.tasks
+    return npr_env.tasks.GroupSumTasks(seed=cfg.seed + 1, num_subproblems=t.num_subproblems, terms=t.terms,
+                                       split="test")
+
+
 class Interrupted(RuntimeError):
     """Raised by ``NPRTrainer.stop_after`` (tests and preemption drills): the run stops right after a checkpoint."""
 
@@ -192,9 +200,7 @@ class NPRTrainer:
         else:  # the procedural splits are disjoint by construction (a hash of the question picks the split)
             train = npr_env.tasks.GroupSumTasks(seed=self.cfg.seed, num_subproblems=t.num_subproblems,
                                                terms=t.terms, split="train")
-            test = npr_env.tasks.GroupSumTasks(seed=self.cfg.seed + 1, num_subproblems=t.num_subproblems,
-                                              terms=t.terms, split="test")
-            held = test.sample(t.eval_size)
+            held = heldout_stream(self.cfg).sample(t.eval_size)
         if self.dist.is_main:
             atomic_write_jsonl(self.run_dir / "heldout.jsonl",
                                ({"id": p.id, "question": p.question, "answer": p.answer} for p in held))
