@@ -12,9 +12,12 @@ Runs ``NPRTrainer.rl_step`` (the step ``benchmarks.trainer_speed`` times) with t
 
 The two modes alternate step by step (after one warm-up step each), so a change in background load hits both
 alike. Also printed per mode: generated and trained tokens per step, decode steps, and whether the step updated,
-since the two modes do not do the same work on the same prompts::
+since the two modes do not do the same work on the same prompts. A mode suffixed ``:every-row`` is the same arm
+with the update forwarding every kept row, the rows whose advantage is 0 included (the trainer skips them by
+default; the step is the same)::
 
     python -m benchmarks.trainer_profile --model runs/tiny/stage2 --steps 3 --threads 1 --hotspots
+    python -m benchmarks.trainer_profile --model runs/tiny/stage3 --modes parallel,parallel:every-row
 """
 
 from __future__ import annotations
@@ -116,7 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     warmup()  # the verifier's workers start before any timing (a cold start is ~1 s per worker)
     modes = a.modes.split(",")
-    arms = {m: make_arm(model_dir, m, a.prompts, a.group, a.max_new_tokens, a.threads) for m in modes}
+    arms = {}
+    for m in modes:  # "parallel:every-row": the update also forwards the rows whose advantage is 0
+        mode, _, variant = m.partition(":")
+        if mode not in ("parallel", "sequential") or variant not in ("", "every-row"):
+            raise SystemExit(f"--modes: {m!r} is not one of parallel, sequential, each optionally ':every-row'")
+        arms[m] = make_arm(model_dir, mode, a.prompts, a.group, a.max_new_tokens, a.threads)
+        arms[m][0].skip_inert_rows = variant != "every-row"
     clocks = {m: Clock() for m in modes}
     profs = {m: cProfile.Profile() for m in modes}
     work = {m: defaultdict(float) for m in modes}

@@ -155,6 +155,10 @@ class RLConfig:
     # stop once the rollouts have sampled this many tokens in all (every branch counts; 0: no budget, `steps`
     # only): arms that decode differently compare at equal sampling compute (npr ablate)
     sampled_tokens: int = 0
+    # Mixed-group replay (npr_agent.replay): up to this many of a step's prompts are problems whose rollout group
+    # carried an advantage in an earlier step of the stage (newest first); the rest are fresh. 0: all fresh.
+    replay_mixed: int = 0
+    replay_capacity: int = 32  # problems the replay buffer holds (the oldest leave first)
 
 
 @dataclass
@@ -563,8 +567,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _one_of(f"{name}.reward", r.reward, tuple(REWARD_PRESETS))
         for f in ("steps", "prompts_per_step", "group_size", "micro_batch_size", "max_new_tokens"):
             _number(f"{name}.{f}", getattr(r, f), int, 1)
-        for f in ("warmup_steps", "top_k", "eval_every", "sampled_tokens"):
+        for f in ("warmup_steps", "top_k", "eval_every", "sampled_tokens", "replay_capacity"):
             _number(f"{name}.{f}", getattr(r, f), int, 0)
+        _number(f"{name}.replay_mixed", r.replay_mixed, int, 0)
+        _check(r.replay_mixed <= r.prompts_per_step, f"{name}.replay_mixed", r.replay_mixed,
+               f"at most {name}.prompts_per_step ({r.prompts_per_step})")
         _number(f"{name}.lr", r.lr, float, 0, lo_open=True)
         _number(f"{name}.grad_clip", r.grad_clip, float, 0, lo_open=True)
         _number(f"{name}.temperature", r.temperature, float, 0, lo_open=True)

@@ -44,6 +44,7 @@ from .eval_metrics import rollout_stats
 from .files import atomic_write_jsonl, atomic_write_text
 from .logger import RunLogger, plot_summary, postfix, progress
 from .policy import Sample
+from .replay import MixedGroupReplay, mixed_groups
 from .updates import WeightAverage, policy_update, sft_update
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
@@ -175,6 +176,9 @@ class NPRTrainer:
         self.resume = resume
         self.show_progress = show_progress
         self.stop_after: dict[str, int] = {}  # stage -> step: stop there, as if killed right after its checkpoint
+        # RL updates leave out the rows with advantage 0 (the same step; policy_update's skip_inert). False scores
+        # every kept row, as before: benchmarks.trainer_profile --modes parallel:every-row times both.
+        self.skip_inert_rows = True
         validate(cfg)
         self.setup()
 
@@ -471,7 +475,8 @@ class NPRTrainer:
             self.logger.flush()
             raise Interrupted(f"{stage} stopped after step {done} (stop_after)")
 
-    def _maybe_resume(self, stage, model, opt, sched, logged: int = 0, average: WeightAverage | None = None) -> int:
+    def _maybe_resume(self, stage, model, opt, sched, logged: int = 0, average: WeightAverage | None = None,
+                      replay: MixedGroupReplay | None = None) -> int:
         """Restore ``stage``'s training state if ``--resume`` finds one; returns the steps already done. The killed
         attempt's rows past that point are dropped by their step, so each step is logged once whatever the clocks
         did. ``logged``: the step of the row that records the ``done``-th step, less ``done`` (SFT -1, RL 0)."""
@@ -482,6 +487,8 @@ class NPRTrainer:
             done = int(saved["step"])
             if average is not None:
                 average.load_state_dict(saved["extra"]["average"])
+            if replay is not None and "replay" in (saved.get("extra") or {}):
+                replay.load_state_dict(saved["extra"]["replay"])
             print(f"[{stage}] resumed at step {done} from {state}")
         if self.resume and self.dist.is_main:
             data = self.run_dir / "stage2_data.jsonl"
@@ -638,7 +645,8 @@ class NPRTrainer:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, ckpt.lr_lambda(cfg.lr_schedule, cfg.steps, cfg.warmup_steps, 0.1))
-        start = self._maybe_resume(stage, model, opt, sched)
+        replay = MixedGroupReplay(cfg.replay_capacity)  # mixed groups' problems, replayed (cfg.replay_mixed)
+        start = self._maybe_resume(stage, model, opt, sched, replay=replay)
         bar = progress(cfg.steps, stage, disable=not self.show_progress)
         bar.update(start)
         if start == 0:
@@ -646,7 +654,7 @@ class NPRTrainer:
         # sampling compute so far (cfg.sampled_tokens budget); a resumed stage re-reads it from its logged steps
         spent = self.logger.total(stage, "perf/sampled_tokens", until_step=start) if start else 0.0
         for step in range(start, cfg.steps):
-            m = self.rl_step(stage, step, model, engine, algo, opt, cfg)
+            m = self.rl_step(stage, step, model, engine, algo, opt, cfg, replay)
             spent += m["perf/sampled_tokens"]
             m["perf/sampled_tokens_total"] = spent
             last = step == cfg.steps - 1 or (cfg.sampled_tokens and spent >= cfg.sampled_tokens)
@@ -659,13 +667,18 @@ class NPRTrainer:
             self.logger.log(stage, step + 1, m)
             bar.set_postfix(postfix(m))
             bar.update(1)
-            self._checkpoint(stage, step + 1, self.cfg.checkpoint_every, model, opt, sched)
+            self._checkpoint(stage, step + 1, self.cfg.checkpoint_every, model, opt, sched,
+                             extra={"replay": replay.state_dict()})
             if last:
                 break
         bar.close()
 
-    def rl_step(self, stage, step, model, engine, algo, opt, cfg: RLConfig) -> dict[str, float]:
-        problems = self.dist.shard(self.problems(stage, step, cfg.prompts_per_step))  # this rank's prompts
+    def rl_step(self, stage, step, model, engine, algo, opt, cfg: RLConfig,
+                replay: MixedGroupReplay | None = None) -> dict[str, float]:
+        replayed = replay.take(cfg.replay_mixed) if replay is not None and cfg.replay_mixed else []
+        step_problems = replayed + self.problems(stage, step, cfg.prompts_per_step)[: cfg.prompts_per_step
+                                                                                    - len(replayed)]
+        problems = self.dist.shard(step_problems)  # this rank's prompts
         prompts = [self.prompt_ids(p) for p in problems for _ in range(cfg.group_size)]
         golds = [p.answer for p in problems for _ in range(cfg.group_size)]
         groups = [i for i in range(len(problems)) for _ in range(cfg.group_size)]
@@ -700,13 +713,21 @@ class NPRTrainer:
             **rollout_stats([r.graph for r in rollouts], valid),
             **{k: float(v) for k, v in prep.metrics.items()},
         }
+        if replay is not None:  # every rank adds the same problems: the flags of all ranks, in rank order
+            flags = [f for part in self.dist.all_gather_object(mixed_groups(prep.advantages, cfg.group_size))
+                     for f in part] if self.dist.enabled else mixed_groups(prep.advantages, cfg.group_size)
+            replay.add([p for p, f in zip(step_problems, flags) if f])
+            m["replay/prompts"] = float(len(replayed))
+            m["replay/mixed_groups"] = float(sum(flags))
+            m["replay/buffer"] = float(len(replay))
         kept = [r for r, k in zip(rollouts, prep.keep) if k]
         adv_kept = torch.tensor(prep.advantages[prep.keep], dtype=torch.float32, device=self.device)
         t1 = time.time()
         with self.engine_memory_released(engine):  # engine.memory_saver: its KV memory serves the update
             m.update(policy_update(model, algo, kept, adv_kept, opt, micro_batch_size=cfg.micro_batch_size,
                                    grad_clip=cfg.grad_clip, temperature=cfg.temperature, device=self.device,
-                                   dist=self.dist, check=rollouts))
+                                   dist=self.dist, check=rollouts[:: cfg.group_size],  # one per group
+                                   skip_inert=self.skip_inert_rows))
         m["perf/update_s"] = time.time() - t1
         return self.dist.reduce_metrics(m, weight=len(rollouts))
 

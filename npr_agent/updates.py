@@ -67,11 +67,16 @@ def logprob_mismatch(model: nn.Module, rollouts: Sequence, temperature: float = 
 
 def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tensor, optimizer, *,
                   micro_batch_size: int, grad_clip: float, temperature: float = 1.0, device=None,
-                  dist: Dist = LOCAL, check: Sequence = ()) -> dict[str, float]:
+                  dist: Dist = LOCAL, check: Sequence = (), skip_inert: bool = True) -> dict[str, float]:
     """One RL update on this rank's kept rollouts (``advantages[i]`` for ``kept[i]``), exact across ranks.
 
     ``check``: this rank's rollouts to measure ``policy/logprob_mismatch`` on when no rank updates (every
     rollout filtered out), so the engine/trainer agreement is logged every step, not only on updates.
+
+    ``skip_inert``: rows whose advantage is 0 are not forwarded when the algorithm says they add nothing to the
+    loss (:meth:`Algorithm.zero_advantage_is_inert`: no KL, no entropy term). The step is the same; the
+    token normaliser Σ|y| still counts them. ``batch/update_rows`` is the number of rows forwarded, and the
+    mismatch and entropy metrics are measured on those rows.
 
     Rollouts generated under the orchestrated layout are scored as such (``engine.orchestration.training_sample``).
     Returns this rank's metrics, ready for :meth:`Dist.reduce_metrics` (``loss/*`` are this rank's shares of
@@ -94,9 +99,14 @@ def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tens
             raise ValueError("an orchestrated rollout's context-only rows would enter the loss (train_forced=True); "
                              "build_batch must honour ScoredSample.scored")
     n = dist.sum(batch.num_loss_tokens if batch is not None else 0)  # Σ|y| over the global batch
+    if batch is not None and skip_inert and algo.zero_advantage_is_inert():
+        # A row with A = 0 adds exactly nothing to the gradient: leave it out of the forward and backward, keep it
+        # in Σ|y|. Past stage 2 most groups are all right, so this is most of the update's work.
+        rows = torch.nonzero(adv != 0).flatten().cpu()
+        batch = batch.select(rows, trim=None) if len(rows) else None
     mbs = batch.by_length().split(micro_batch_size) if batch is not None else []  # adv[mb.index] follows the rows
     steps = dist.micro_steps(model, len(mbs), at_least=1)  # FSDP2: as many as the busiest rank
-    parts, mismatch, ent_sum, gn = [], 0.0, 0.0, torch.zeros(())
+    parts, mismatch, ent_sum, ent_n, gn = [], 0.0, 0.0, 0, torch.zeros(())
     for update in range(algo.config.updates_per_batch):
         for i in range(steps):
             with dist.grad_sync(model, enabled=i == steps - 1):
@@ -107,6 +117,7 @@ def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tens
                         d = (lp.detach() - mb.old_logprobs).abs()[mb.loss_mask]
                         mismatch = max(mismatch, float(d.max()) if d.numel() else 0.0)
                         ent_sum += float(ent.detach()[mb.loss_mask].sum())
+                        ent_n += mb.num_loss_tokens
                     loss, metrics = algo.loss(lp, mb.old_logprobs, adv[mb.index], mb.loss_mask, num_tokens=n,
                                               entropy=ent)
                     parts.append(metrics)
@@ -121,8 +132,9 @@ def policy_update(model: nn.Module, algo, kept: Sequence, advantages: torch.Tens
     m["loss/policy"] = float(sum(p.get("loss/policy", 0.0) for p in parts))
     m["policy/grad_norm"] = _norm(gn)
     m["policy/logprob_mismatch"] = mismatch
-    m["policy/entropy"] = dist.sum(ent_sum) / max(1, n)  # global already: the same on every rank
+    m["policy/entropy"] = dist.sum(ent_sum) / max(1, dist.sum(ent_n))  # global already: the same on every rank
     m["batch/updated"] = 1.0
+    m["batch/update_rows"] = float(batch.batch_size if batch is not None else 0)
     return m
 
 

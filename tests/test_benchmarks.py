@@ -351,3 +351,17 @@ def test_error_kinds_names_the_first_faulty_step():
     assert classify(p.question, sol[:first] + other + sol[first + 1:], valid=True) == "copy"
     eq = sol.index("=", sol.index(":", first)) + 1  # the first sum's result
     assert classify(p.question, sol[:eq] + "9" + sol[eq:], valid=True) == "arithmetic"
+
+
+def test_trainer_profile_times_the_every_row_update_beside_the_default(capsys):
+    """`--modes parallel,parallel:every-row`: the same arm twice, one forwarding the rows with advantage 0 too."""
+    from benchmarks import trainer_profile
+
+    res = trainer_profile.main(["--steps", "1", "--prompts", "2", "--group", "2", "--max-new-tokens", "24",
+                                "--modes", "parallel,parallel:every-row"])
+    a, b = res["modes"]["parallel"], res["modes"]["parallel:every-row"]
+    assert a["generated_tokens_per_step"] == b["generated_tokens_per_step"]  # the same rollouts
+    assert a["updated_rate"] == b["updated_rate"]
+    assert "parallel:every-row/parallel per step" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--modes"):
+        trainer_profile.main(["--modes", "parallel:all"])

@@ -157,6 +157,34 @@ def test_fixed_rollouts_are_a_real_papo_batch(reference):
     assert m["batch/updated"] == 1.0 and m["loss/policy"] != 0.0 and m["policy/logprob_mismatch"] <= 1e-4
 
 
+@pytest.mark.parametrize("algorithm", ["papo", "dapo"])
+def test_zero_advantage_rows_are_skipped_and_the_step_is_the_same(reference, algorithm):
+    """Rows with A = 0 are not forwarded, yet the weights move exactly as when every kept row is scored."""
+    data = reference[0]
+    algo = make_algorithm(algorithm, {"dynamic_sampling": False} if algorithm == "dapo" else {})
+    assert algo.zero_advantage_is_inert()
+    prep = algo.prepare(infos_of(data["rollouts"], data["rewards"], data["groups"]))
+    kept = [r for r, k in zip(data["rollouts"], prep.keep) if k]
+    adv = torch.tensor(prep.advantages[prep.keep], dtype=torch.float32)
+    assert 0 < int((adv != 0).sum()) < len(kept)  # the batch has both kinds of rows
+    states, metrics = [], []
+    for skip in (True, False):
+        model = tiny()
+        model.load_state_dict(data["state"])
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        metrics.append(policy_update(model, algo, kept, adv, opt, micro_batch_size=2, grad_clip=1e9,
+                                     skip_inert=skip))
+        states.append(model.state_dict())
+    assert metrics[0]["batch/update_rows"] == int((adv != 0).sum()) and metrics[1]["batch/update_rows"] == len(kept)
+    assert metrics[0]["loss/policy"] == pytest.approx(metrics[1]["loss/policy"], rel=1e-5, abs=1e-7)
+    moved = max(float((states[1][k] - data["state"][k]).abs().max()) for k in states[1])
+    assert moved > 1e-3
+    for k, v in states[1].items():
+        assert torch.allclose(states[0][k], v, atol=1e-6, rtol=1e-5), k
+    assert not make_algorithm("papo", {"entropy_coef": 0.01}).zero_advantage_is_inert()
+    assert not make_algorithm("grpo", {"kl_coef": 0.1}).zero_advantage_is_inert()
+
+
 @pytest.mark.distributed
 def test_two_ranks_equal_one_rank(reference, tmp_path):
     data, ref_m, ref_prep, ref_state, path = reference

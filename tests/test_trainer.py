@@ -7,7 +7,9 @@ import pytest
 from npr_agent.cli import main as npr_main
 from npr_agent.cli import smoke
 from npr_agent.config import ConfigError, apply_overrides, load_file, preset, validate
+from npr_agent.replay import MixedGroupReplay, mixed_groups
 from npr_agent.trainer import Interrupted, NPRTrainer, parallel_share
+from npr_env.tasks import Problem
 
 
 def tiny_cfg():
@@ -63,6 +65,42 @@ def test_rl_resume_gives_the_same_batch_and_loss(tmp_path):
     a, b = rows(tmp_path / "a", "stage1"), rows(tmp_path / "b", "stage1")
     for key in ("reward/mean", "length/total_tokens", "loss/policy", "format/score_mean"):
         assert a[3][key] == pytest.approx(b[3][key], abs=1e-6), key
+
+
+def test_mixed_group_replay_keeps_the_newest_and_returns_each_once():
+    probs = [Problem(id=str(i), question=f"q{i}", answer=str(i), source="t") for i in range(5)]
+    r = MixedGroupReplay(capacity=3)
+    r.add(probs[:2])
+    r.add(probs[2:4] + [probs[0]])  # a repeat moves to the newest end; the oldest beyond capacity leave
+    assert [p.id for p in r.problems] == ["2", "3", "0"]
+    assert [p.id for p in r.take(2)] == ["0", "3"] and len(r) == 1
+    saved = r.state_dict()
+    back = MixedGroupReplay(capacity=0)
+    back.load_state_dict(saved)
+    assert back.problems == r.problems and back.capacity == 3
+    assert r.take(5) == [probs[2]] and r.take(1) == []
+    assert mixed_groups([0, 0, 0.5, -0.5, 0, 0], group_size=2) == [False, True, False]
+
+
+def test_rl_replays_mixed_groups_and_resumes_with_the_same_buffer(tmp_path):
+    cfg = tiny_cfg()
+    cfg.stage1.eval_every, cfg.stage1.steps, cfg.stage1.replay_mixed = 0, 4, 1
+    NPRTrainer(cfg, tmp_path / "a", show_progress=False).run(("stage0", "stage1"))
+    t = NPRTrainer(cfg, tmp_path / "b", show_progress=False)
+    t.stop_after = {"stage1": 2}
+    with pytest.raises(Interrupted):
+        t.run(("stage0", "stage1"))
+    NPRTrainer(cfg, tmp_path / "b", resume=True, show_progress=False).run(("stage0", "stage1"))
+    a, b = rows(tmp_path / "a", "stage1"), rows(tmp_path / "b", "stage1")
+    assert a[1]["replay/prompts"] == 0
+    for step in (2, 3, 4):  # a step replays what the buffer held after the one before
+        assert a[step]["replay/prompts"] == min(1, a[step - 1]["replay/buffer"])
+    assert sum(a[s].get("replay/prompts", 0) for s in a) >= 1  # the test is not vacuous
+    for step in (3, 4):
+        for key in ("replay/prompts", "replay/buffer", "reward/mean", "loss/policy"):
+            assert a[step][key] == pytest.approx(b[step][key], abs=1e-6), (step, key)
+    with pytest.raises(ConfigError, match="stage3.replay_mixed"):
+        validate(apply_overrides(preset("tiny"), ["stage3.replay_mixed=9"]))
 
 
 def test_held_out_evals_inside_an_rl_stage_do_not_change_its_training(tmp_path):

@@ -133,6 +133,13 @@ class Algorithm(abc.ABC):
         }
         return Prepared(rewards, keep, adv, m)
 
+    def zero_advantage_is_inert(self) -> bool:
+        """Whether a row with advantage 0 adds nothing to :meth:`loss`'s gradient, so the update may skip it.
+
+        True when the objective is ``A`` times something and no KL or entropy term is on; a subclass that adds
+        a term independent of ``A`` returns False."""
+        return not (self.config.kl_coef or self.config.entropy_coef)
+
     # -- token level ---------------------------------------------------------------------------------------
     @abc.abstractmethod
     def policy_terms(self, logprobs, old_logprobs, advantages, mask):
