@@ -645,7 +645,7 @@ class NPRTrainer:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, ckpt.lr_lambda(cfg.lr_schedule, cfg.steps, cfg.warmup_steps, 0.1))
-        replay = MixedGroupReplay(cfg.replay_capacity)  # mixed groups' problems, replayed (cfg.replay_mixed)
+        replay = MixedGroupReplay(cfg.replay_capacity)  # mixed groups' problems, replayed (cfg.replay_fraction)
         start = self._maybe_resume(stage, model, opt, sched, replay=replay)
         bar = progress(cfg.steps, stage, disable=not self.show_progress)
         bar.update(start)
@@ -675,7 +675,7 @@ class NPRTrainer:
 
     def rl_step(self, stage, step, model, engine, algo, opt, cfg: RLConfig,
                 replay: MixedGroupReplay | None = None) -> dict[str, float]:
-        replayed = replay.take(cfg.replay_mixed) if replay is not None and cfg.replay_mixed else []
+        replayed = replay.take(int(cfg.replay_fraction * cfg.prompts_per_step)) if replay is not None else []
         step_problems = replayed + self.problems(stage, step, cfg.prompts_per_step)[: cfg.prompts_per_step
                                                                                     - len(replayed)]
         problems = self.dist.shard(step_problems)  # this rank's prompts

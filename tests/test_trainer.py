@@ -84,7 +84,7 @@ def test_mixed_group_replay_keeps_the_newest_and_returns_each_once():
 
 def test_rl_replays_mixed_groups_and_resumes_with_the_same_buffer(tmp_path):
     cfg = tiny_cfg()
-    cfg.stage1.eval_every, cfg.stage1.steps, cfg.stage1.replay_mixed = 0, 4, 1
+    cfg.stage1.eval_every, cfg.stage1.steps, cfg.stage1.replay_fraction = 0, 4, 0.5  # 1 of 2 prompts
     NPRTrainer(cfg, tmp_path / "a", show_progress=False).run(("stage0", "stage1"))
     t = NPRTrainer(cfg, tmp_path / "b", show_progress=False)
     t.stop_after = {"stage1": 2}
@@ -99,8 +99,8 @@ def test_rl_replays_mixed_groups_and_resumes_with_the_same_buffer(tmp_path):
     for step in (3, 4):
         for key in ("replay/prompts", "replay/buffer", "reward/mean", "loss/policy"):
             assert a[step][key] == pytest.approx(b[step][key], abs=1e-6), (step, key)
-    with pytest.raises(ConfigError, match="stage3.replay_mixed"):
-        validate(apply_overrides(preset("tiny"), ["stage3.replay_mixed=9"]))
+    with pytest.raises(ConfigError, match="stage3.replay_fraction"):
+        validate(apply_overrides(preset("tiny"), ["stage3.replay_fraction=1.5"]))
 
 
 def test_held_out_evals_inside_an_rl_stage_do_not_change_its_training(tmp_path):
