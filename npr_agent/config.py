@@ -210,11 +210,11 @@ class Stage3Config(RLConfig):
 
     algorithm: str = "papo"
     # from a stage 2 that left 39 / 9 errors of 512, 60 steps removed 21% / 22% of them and 150 steps 54% / 67%;
-    # from a stage 2 at 0.99+, 150 steps remove only 6-18% (counted on 2,048 problems, docs/results.md)
+    # from a stage 2 at 0.99+, 150 steps without replay removed only 6-18% (counted on 2,048 problems)
     steps: int = 150
     lr: float = 2e-5  # 1e-4 moved faster but was noisier and ended lower
     # Half of a step's prompts may be problems whose group was mixed earlier (npr_agent.replay). From a stage 2
-    # at 0.99+ only ~12% of fresh groups carry an advantage; on 2,048 held-out problems replay took stage 3's
+    # at 0.99+ only ~15% of fresh groups carry an advantage; on 2,048 held-out problems replay took stage 3's
     # removal of stage 2's errors from 9% to 27% (seed 0) and 43% to 50% (seed 2) at the same compute
     # (docs/results.md).
     replay_fraction: float = 0.5

@@ -181,12 +181,14 @@ def test_the_recipe_configs_change_only_their_fields():
     docs/results.md; configs/tiny-fixed-budget.toml is the preset before stage 0 trained until a check passed."""
     tiny = preset("tiny")
     _differs_only_in(load_file("configs/tiny-curriculum.toml"), tiny, {("stage2", "steps"): 500,
-                                                                         ("stage3", "steps"): 60})
+                                                                         ("stage3", "steps"): 60,
+                                                                         ("stage3", "replay_fraction"): 0.0})
     _differs_only_in(load_file("configs/tiny-fixed-budget.toml"), tiny, {
         ("stage0", "steps"): 700, ("stage0", "parallel_fraction"): 0.2, ("stage0", "parallel_fraction_start"): None,
         ("stage0", "check_every"): 0, ("stage0", "decay_steps"): 100, ("stage0", "ramp_steps"): 0,
         ("stage1", "steps"): 20, ("stage2", "target_kept"): 200, ("stage2", "epochs_cap"): 24,
-        ("stage2", "steps"): 400, ("stage3", "steps"): 150, ("stage3", "eval_every"): 25})
+        ("stage2", "steps"): 400, ("stage3", "steps"): 150, ("stage3", "eval_every"): 25,
+        ("stage3", "replay_fraction"): 0.0})
     for f in ("configs/tiny-curriculum.toml", "configs/tiny-fixed-budget.toml"):
         validate(load_file(f))
 
