@@ -6,7 +6,8 @@ newest first, then fresh problems. A replayed problem gets a fresh group of roll
 so the update stays on-policy; it returns to the buffer only if that group is mixed again::
 
     replay = MixedGroupReplay(capacity=32)
-    prompts = replay.take(4) + fresh[: n - len(taken)]
+    taken = replay.take(4)
+    prompts = taken + fresh[: n - len(taken)]
     ...                                            # roll out, score, advantages
     replay.add([p for p, mixed in zip(prompts, mixed_flags) if mixed])
 

@@ -715,7 +715,7 @@ class NPRTrainer:
         }
         if replay is not None:  # every rank adds the same problems: the flags of all ranks, in rank order
             flags = [f for part in self.dist.all_gather_object(mixed_groups(prep.advantages, cfg.group_size))
-                     for f in part] if self.dist.enabled else mixed_groups(prep.advantages, cfg.group_size)
+                     for f in part]
             replay.add([p for p, f in zip(step_problems, flags) if f])
             m["replay/prompts"] = float(len(replayed))
             m["replay/mixed_groups"] = float(sum(flags))

@@ -53,16 +53,21 @@ def test_sft_resume_gives_the_same_next_step(tmp_path):
     assert sorted(r["step"] for r in logged if r["stage"] == "stage0" and "loss/sft" in r) == list(range(6))
 
 
-def test_rl_resume_gives_the_same_batch_and_loss(tmp_path):
-    cfg = tiny_cfg()
-    cfg.stage1.eval_every = 0
+def stage1_straight_and_resumed(cfg, tmp_path, stop: int = 2):
+    """Stage 1's logged rows run straight through (a) and killed after step ``stop``, then resumed (b)."""
     NPRTrainer(cfg, tmp_path / "a", show_progress=False).run(("stage0", "stage1"))
     t = NPRTrainer(cfg, tmp_path / "b", show_progress=False)
-    t.stop_after = {"stage1": 2}
+    t.stop_after = {"stage1": stop}
     with pytest.raises(Interrupted):
         t.run(("stage0", "stage1"))
     NPRTrainer(cfg, tmp_path / "b", resume=True, show_progress=False).run(("stage0", "stage1"))
-    a, b = rows(tmp_path / "a", "stage1"), rows(tmp_path / "b", "stage1")
+    return rows(tmp_path / "a", "stage1"), rows(tmp_path / "b", "stage1")
+
+
+def test_rl_resume_gives_the_same_batch_and_loss(tmp_path):
+    cfg = tiny_cfg()
+    cfg.stage1.eval_every = 0
+    a, b = stage1_straight_and_resumed(cfg, tmp_path)
     for key in ("reward/mean", "length/total_tokens", "loss/policy", "format/score_mean"):
         assert a[3][key] == pytest.approx(b[3][key], abs=1e-6), key
 
@@ -85,13 +90,7 @@ def test_mixed_group_replay_keeps_the_newest_and_returns_each_once():
 def test_rl_replays_mixed_groups_and_resumes_with_the_same_buffer(tmp_path):
     cfg = tiny_cfg()
     cfg.stage1.eval_every, cfg.stage1.steps, cfg.stage1.replay_fraction = 0, 4, 0.5  # 1 of 2 prompts
-    NPRTrainer(cfg, tmp_path / "a", show_progress=False).run(("stage0", "stage1"))
-    t = NPRTrainer(cfg, tmp_path / "b", show_progress=False)
-    t.stop_after = {"stage1": 2}
-    with pytest.raises(Interrupted):
-        t.run(("stage0", "stage1"))
-    NPRTrainer(cfg, tmp_path / "b", resume=True, show_progress=False).run(("stage0", "stage1"))
-    a, b = rows(tmp_path / "a", "stage1"), rows(tmp_path / "b", "stage1")
+    a, b = stage1_straight_and_resumed(cfg, tmp_path)
     assert a[1]["replay/prompts"] == 0
     for step in (2, 3, 4):  # a step replays what the buffer held after the one before
         assert a[step]["replay/prompts"] == min(1, a[step - 1]["replay/buffer"])
