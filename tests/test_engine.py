@@ -250,6 +250,30 @@ def test_seeded_sampling_is_reproducible(qwen3):
     eng.pool.assert_all_free()
 
 
+@pytest.mark.parametrize("trial", range(40))
+def test_the_batched_draw_is_torch_multinomials_draw(trial):
+    """``exponential_race`` replaces one ``torch.multinomial`` call per request: same tokens, and each request's
+    generator ends in the same state (its next draw agrees too), for any split of the rows into requests."""
+    from engine.sampling import exponential_race
+
+    g = torch.Generator().manual_seed(trial)
+    B, V = int(torch.randint(1, 12, (), generator=g)), int(torch.randint(2, 3000, (), generator=g))
+    logits = torch.randn(B, V, generator=g) * 4
+    if trial % 3 == 0:  # rows with impossible tokens (top-k / top-p / processors leave -inf)
+        logits[:, torch.randint(0, V, (V // 2,), generator=g)] = float("-inf")
+    probs = logits.softmax(-1)
+    cuts = sorted(set(torch.randint(1, B, (2,), generator=g).tolist())) if B > 1 else []
+    bounds = [0, *cuts, B]
+    groups = list(zip(bounds[:-1], bounds[1:]))
+    ours = [torch.Generator().manual_seed(1000 * trial + i) for i in range(len(groups))]
+    ref = [torch.Generator().manual_seed(1000 * trial + i) for i in range(len(groups))]
+    want = torch.cat([torch.multinomial(probs[a:b], 1, generator=r).squeeze(1) for (a, b), r in zip(groups, ref)])
+    assert torch.equal(exponential_race(probs, ours, groups), want)
+    for (a, b), o, r in zip(groups, ours, ref):
+        assert torch.equal(exponential_race(probs[a:b], [o], [(0, b - a)]),
+                           torch.multinomial(probs[a:b], 1, generator=r).squeeze(1))
+
+
 def test_samples_share_prompt_blocks(qwen3):
     eng = NPREngine(qwen3, TOK, num_blocks=256, block_size=4)
     prompt = enc("x" * 40)  # 10 full blocks
