@@ -66,31 +66,43 @@ class StepInput:
 
 DECODE_ATTENTION = ("auto", "paged", "gather")  # "auto": paged on CUDA, gather on the CPU (see NPREngine)
 
-# A share group's union costs (1 + ATTN_PER_ROW * rows) per union slot (one gather; the scores of every row, the
-# masked ones included), against (1 + ATTN_PER_ROW) per slot that each row gathers for itself: on CPU and GPU
-# alike, copying a slot's K/V out of the pool costs an order of magnitude more than scoring it for one more row.
+# A share group's union costs (1 + attn_per_row * rows) per union slot (one gather; the scores of every row, the
+# masked ones included), against (1 + attn_per_row) per slot that each row gathers for itself. attn_per_row is
+# the cost of scoring a slot for one more row over the cost of copying it out of the pool, and it depends on how
+# wide a slot is: copying has a cost per slot whatever its width, so narrow slots are cheap to copy. Measured on
+# a 2-core CPU (index_select of K and V against masked SDPA, GQA folded): 0.39-0.45 at 64 floats per K slot
+# (KV heads x head dim: the tiny preset), 0.14-0.21 at 256, 0.04-0.07 at 1024 (Qwen3-4B). 16 / width fits the
+# narrow end, and the floor keeps 1/16 from 256 floats up (an order of magnitude: the grouped plan pays there).
 ATTN_PER_ROW = 1 / 16
 
 
-def share_groups(views: list[np.ndarray]) -> list[tuple[list[int], np.ndarray, list[np.ndarray]]]:
+def attn_per_row(kv_width: int) -> float:
+    """:data:`ATTN_PER_ROW` for K slots of ``kv_width`` floats (KV heads x head dim): 16 / width in [1/16, 1/2].
+    The tiny preset's 2 x 32 gives 1/4, where 1/16 grouped the samples of a prompt whose rows each see a small
+    part of the union: parallel rollouts of its stage-3 model took 1.3-1.45x longer (docs/results.md)."""
+    return min(0.5, max(ATTN_PER_ROW, 16 / max(1, kv_width)))
+
+
+def share_groups(views: list[np.ndarray], per_row: float = ATTN_PER_ROW
+                 ) -> list[tuple[list[int], np.ndarray, list[np.ndarray]]]:
     """Group decode rows by the KV slots their tables share. ``views[r]``: row ``r``'s visible slots, in order.
 
     Returns ``(rows, union, cols)`` per group: ``union`` holds each slot that a row of the group sees, once (the
     rows' common prefix first, in order, then the other slots, sorted); ``cols[j]`` are the columns of ``union``
     that row ``rows[j]`` sees: exactly the slots its own table lists. Rows start in one group per first slot
-    (the samples of one prompt share its first block); a group too sparse for its union to pay
-    (:data:`ATTN_PER_ROW`) is split by the first slot after its common prefix (a request's siblings share
-    their parent's slots), down to single rows."""
+    (the samples of one prompt share its first block); a group too sparse for its union to pay (``per_row``:
+    scoring a slot for one more row over copying it, :func:`attn_per_row`) is split by the first slot after its
+    common prefix (a request's siblings share their parent's slots), down to single rows."""
     first: dict[int, list[int]] = {}
     for r, v in enumerate(views):
         first.setdefault(int(v[0]), []).append(r)
     out: list = []
     for rows in first.values():
-        _split(views, rows, 1, out)
+        _split(views, rows, 1, out, per_row)
     return out
 
 
-def _split(views, rows: list[int], start: int, out: list) -> None:
+def _split(views, rows: list[int], start: int, out: list, per_row: float) -> None:
     """``rows`` share (at least) their first ``start`` slots."""
     ref = views[rows[0]]
     if len(rows) == 1:
@@ -106,7 +118,7 @@ def _split(views, rows: list[int], start: int, out: list) -> None:
     total = sum(len(views[r]) for r in rows)
     uniq, inv = np.unique(np.concatenate(rests), return_inverse=True)
     width = p + len(uniq)
-    if width * (1 + ATTN_PER_ROW * len(rows)) <= total * (1 + ATTN_PER_ROW):
+    if width * (1 + per_row * len(rows)) <= total * (1 + per_row):
         prefix, cols, a = np.arange(p), [], 0
         for x in rests:
             cols.append(np.concatenate([prefix, p + inv[a:a + len(x)]]))
@@ -118,7 +130,7 @@ def _split(views, rows: list[int], start: int, out: list) -> None:
         v = views[r]
         by.setdefault(int(v[p]) if len(v) > p else -1, []).append(r)
     for sub in by.values():
-        _split(views, sub, p, out)
+        _split(views, sub, p, out, per_row)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -167,6 +179,7 @@ class ModelRunner:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.group = self.num_heads // self.kv_heads
+        self.attn_per_row = attn_per_row(self.kv_heads * self.head_dim)  # share groups' cost model
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         # position-independent rotary types: cos/sin are read from a table built by the module itself
         self._rope_table_ok = rope.get("rope_type", rope.get("type", "default")) in (
@@ -241,7 +254,7 @@ class ModelRunner:
             self.paged_forwards += 1
             return StepInput(ids, pos, write, torch.empty((B, 0), dtype=torch.int64, device=dev), None,
                              block_mask=mask, n_slots=n_slots)
-        groups = share_groups([t.slot_view() for t in tables]) if share and B > 1 else None
+        groups = share_groups([t.slot_view() for t in tables], self.attn_per_row) if share and B > 1 else None
         if groups is not None and len(groups) < B:
             G, Qm, Lu = len(groups), max(len(g[0]) for g in groups), max(len(g[1]) for g in groups)
             if G * Lu < B * L:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.kv_cache import BlockPool, BlockTable
-from engine.runner import ModelRunner, share_groups
+from engine.runner import ATTN_PER_ROW, ModelRunner, attn_per_row, share_groups
 
 
 def forest(seed: int, pool: BlockPool) -> list[BlockTable]:
@@ -83,6 +83,30 @@ def test_siblings_of_one_prompt_share_one_union():
     (rows, union, cols), = share_groups([k.slot_view() for k in kids])
     assert rows == [0, 1, 2, 3] and len(union) == 14  # 10 shared slots once, then one own slot per row
     assert np.array_equal(union[:10], prompt.slot_view())
+
+
+def test_narrow_slots_split_a_prompts_samples_into_their_own_groups():
+    """The cost model: where scoring a slot for one more row is dear next to copying it (narrow KV slots, the tiny
+    preset), the samples of a prompt no longer share one union whose every row scores every sample's slots."""
+    assert attn_per_row(2 * 32) == 0.25 and attn_per_row(4 * 64) == ATTN_PER_ROW == attn_per_row(8 * 128)
+    assert attn_per_row(8) == 0.5
+    pool = BlockPool(64, block_size=4)
+    prompt = BlockTable(pool)
+    for _ in range(4):
+        prompt.append_slot()
+    rows = []
+    for _ in range(2):  # two samples: a guideline each, then three sibling steps
+        sample = prompt.fork()
+        for _ in range(8):
+            sample.append_slot()
+        for _ in range(3):
+            k = sample.fork()
+            for _ in range(10):
+                k.append_slot()
+            rows.append(k)
+    views = [k.slot_view() for k in rows]
+    assert [g[0] for g in share_groups(views, ATTN_PER_ROW)] == [[0, 1, 2, 3, 4, 5]]
+    assert [g[0] for g in share_groups(views, attn_per_row(2 * 32))] == [[0, 1, 2], [3, 4, 5]]
 
 
 def _tiny_runner():
