@@ -79,7 +79,7 @@ ATTN_PER_ROW = 1 / 16
 def attn_per_row(kv_width: int) -> float:
     """:data:`ATTN_PER_ROW` for K slots of ``kv_width`` floats (KV heads x head dim): 16 / width in [1/16, 1/2].
     The tiny preset's 2 x 32 gives 1/4, where 1/16 grouped the samples of a prompt whose rows each see a small
-    part of the union: parallel rollouts of its stage-3 model took 1.3-1.45x longer (docs/results.md)."""
+    part of the union: parallel rollouts of its stage-3 model took 1.27-1.45x as long (docs/results.md)."""
     return min(0.5, max(ATTN_PER_ROW, 16 / max(1, kv_width)))
 
 
