@@ -18,6 +18,7 @@ default; the step is the same)::
 
     python -m benchmarks.trainer_profile --model runs/tiny/stage2 --steps 3 --threads 1 --hotspots
     python -m benchmarks.trainer_profile --model runs/tiny/stage3 --modes parallel,parallel:every-row
+    python -m benchmarks.trainer_profile --model runs/tiny/stage3 --sequential-model runs/tiny/stage1
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def instrument_arm(trainer, engine, opt) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="an HF checkpoint dir (default: a tiny random Qwen3)")
+    ap.add_argument("--sequential-model", help="the sequential arms' checkpoint (default: --model); one that writes "
+                    "the format as causal text (benchmarks.trainer_speed says why)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group", type=int, default=4)
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         mode, _, variant = m.partition(":")
         if mode not in ("parallel", "sequential") or variant not in ("", "every-row"):
             raise SystemExit(f"--modes: {m!r} is not one of parallel, sequential, each optionally ':every-row'")
-        arms[m] = make_arm(model_dir, mode, a.prompts, a.group, a.max_new_tokens, a.threads)
+        arm_model = a.sequential_model or model_dir if mode == "sequential" else model_dir
+        arms[m] = make_arm(arm_model, mode, a.prompts, a.group, a.max_new_tokens, a.threads)
         arms[m][0].skip_inert_rows = variant != "every-row"
     clocks = {m: Clock() for m in modes}
     profs = {m: cProfile.Profile() for m in modes}
@@ -150,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
             work[m]["decode_steps"] += met["length/critical_path"]
             work[m]["updated"] += met.get("batch/updated", 0.0)
             work[m]["mismatch"] = max(work[m]["mismatch"], met["policy/logprob_mismatch"])
-    res = {"model": model_dir, "steps": a.steps, "prompts": a.prompts, "group": a.group,
-           "max_new_tokens": a.max_new_tokens, "threads": a.threads, "modes": {}}
+    res = {"model": model_dir, "sequential_model": a.sequential_model or model_dir, "steps": a.steps,
+           "prompts": a.prompts, "group": a.group, "max_new_tokens": a.max_new_tokens, "threads": a.threads, "modes": {}}
     for m in modes:
         step_s = work[m]["step"] / a.steps
         ph = {p: clocks[m].total[p] / a.steps for p in PHASES if p != "other"}

@@ -1,11 +1,19 @@
 """Seconds per RL step: our trainer (NPR Engine + PAPO) against TRL's GRPOTrainer, side by side in one run.
 
-Same model, same prompts, same group size, same completion budget and temperature; one step = generate the
-group rollouts, score them, one optimizer update. TRL decodes with HF ``generate`` (sequential); ours is
-measured in both engine modes::
+Same prompts, same group size, same completion budget and temperature; one step = generate the group rollouts,
+score them, one optimizer update. TRL decodes with HF ``generate`` (sequential); ours is measured in both engine
+modes::
 
+    python -m benchmarks.trainer_speed --model runs/<run>/stage3 --sequential-model runs/<run>/stage1
     python -m benchmarks.trainer_speed --model runs/<run>/stage2 --steps 3 --json out/trainer_speed.json
     python -m benchmarks.trainer_speed --quick            # a tiny random model (the ratio, not the learning)
+
+A model trained under the parallel layout (stages 2-3) does not write the format as causal text: in sequential
+mode it stops after its first step (valid rate 0), so a sequential step on it generates about half the tokens and
+never updates. ``--sequential-model`` gives the sequential arms (ours and TRL's) a checkpoint that writes the
+format sequentially (stage 1, NPR-Zero, or an SR model), so each mode runs the task it is trained for. Each
+arm's valid rate and accuracy are printed beside its seconds, with a warning where a mode's rollouts are mostly
+invalid.
 
 The first step of each side is a warm-up and is not timed. Our two modes run in the same process, alternating
 step by step (after one warm-up step each), so a change in the machine's load hits both alike.
@@ -48,13 +56,17 @@ def make_arm(model_dir: str, mode: str, prompts: int, group: int, max_new: int, 
     return t, model, t.engine(model), algo, opt, rl
 
 
-def ours(model_dir: str, steps: int, prompts: int, group: int, max_new: int, threads: int,
+def ours(models: str | dict[str, str], steps: int, prompts: int, group: int, max_new: int, threads: int,
          modes=MODES) -> dict[str, dict[str, float]]:
-    """Per mode: seconds per step and the work a step did, the modes alternating step by step."""
-    arms = {m: make_arm(model_dir, m, prompts, group, max_new, threads) for m in modes}
+    """Per mode: seconds per step and the work a step did, the modes alternating step by step.
+
+    ``models``: one checkpoint for every mode, or a checkpoint per mode."""
+    models = {m: models for m in modes} if isinstance(models, str) else models
+    arms = {m: make_arm(models[m], m, prompts, group, max_new, threads) for m in modes}
     for t, model, engine, algo, opt, rl in arms.values():
         t.rl_step("stage3", 0, model, engine, algo, opt, rl)  # warm-up, untimed
-    acc = {m: {"s": 0.0, "tokens": 0.0, "decode_steps": 0.0, "updated": 0.0} for m in modes}
+    acc = {m: {"s": 0.0, "tokens": 0.0, "decode_steps": 0.0, "updated": 0.0, "valid": 0.0, "accuracy": 0.0}
+           for m in modes}
     for step in range(1, steps + 1):
         for m in modes:
             t, model, engine, algo, opt, rl = arms[m]
@@ -65,8 +77,11 @@ def ours(model_dir: str, steps: int, prompts: int, group: int, max_new: int, thr
             a["tokens"] += met["length/total_tokens"] * prompts * group
             a["decode_steps"] += met["length/critical_path"]
             a["updated"] += met.get("batch/updated", 0.0)
-    return {m: {"s_per_step": a["s"] / steps, "generated_tokens_per_step": a["tokens"] / steps,
+            a["valid"] += met["format/valid_rate"]
+            a["accuracy"] += met["accuracy/train"]
+    return {m: {"model": models[m], "s_per_step": a["s"] / steps, "generated_tokens_per_step": a["tokens"] / steps,
                 "decode_steps_per_rollout": a["decode_steps"] / steps, "updated_rate": a["updated"] / steps,
+                "valid_rate": a["valid"] / steps, "accuracy": a["accuracy"] / steps,
                 "s_per_1k_tokens": 1000 * a["s"] / max(a["tokens"], 1.0)} for m, a in acc.items()}
 
 
@@ -109,6 +124,8 @@ def trl(model_dir: str, steps: int, prompts: int, group: int, max_new: int, thre
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="an HF checkpoint dir (default: a tiny random Qwen3, ~0.6M parameters)")
+    ap.add_argument("--sequential-model", help="the checkpoint of the sequential arms, ours and TRL's (default: "
+                    "--model); one that writes the format as causal text, e.g. runs/<run>/stage1")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
@@ -123,15 +140,16 @@ def main(argv: list[str] | None = None) -> dict:
     from npr_agent.checkpoint import save_tiny_model
 
     model = a.model or save_tiny_model(hidden_size=128, num_layers=3)  # the tiny preset's shape
+    models = {"parallel": model, "sequential": a.sequential_model or model}
     from npr_env.verify import warmup
 
     warmup()  # the verifier's workers start (~1 s each) before any timing, not inside the first arm's steps
     shape = (a.steps, a.prompts, a.group, a.max_new_tokens, a.threads)
-    res = {"model": model, "steps": a.steps, "prompts": a.prompts, "group": a.group,
-           "max_new_tokens": a.max_new_tokens, "threads": a.threads}
+    res = {"model": model, "sequential_model": models["sequential"], "steps": a.steps, "prompts": a.prompts,
+           "group": a.group, "max_new_tokens": a.max_new_tokens, "threads": a.threads}
     if not a.no_trl:
-        res["trl_grpo_s_per_step"] = trl(model, *shape)
-    for mode, r in ours(model, *shape).items():
+        res["trl_grpo_s_per_step"] = trl(models["sequential"], *shape)
+    for mode, r in ours(models, *shape).items():
         for k, v in r.items():
             res[f"ours_{mode}_{k}"] = v
         if not a.no_trl:
@@ -139,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["parallel_over_sequential_per_step"] = res["ours_parallel_s_per_step"] / res["ours_sequential_s_per_step"]
     res["parallel_over_sequential_per_token"] = (res["ours_parallel_s_per_1k_tokens"]
                                                  / res["ours_sequential_s_per_1k_tokens"])
-    print(f"{'':24s} s/step   vs TRL  tokens/step  decode steps  updated  s/1k tokens")
+    print(f"{'':24s} s/step   vs TRL  tokens/step  decode steps  updated  s/1k tokens  valid  accuracy")
     if not a.no_trl:
         print(f"{'TRL GRPOTrainer':24s} {res['trl_grpo_s_per_step']:7.2f}   1.00x  "
               f"{a.prompts * a.group * a.max_new_tokens:>11d} (at most)")
@@ -147,9 +165,17 @@ def main(argv: list[str] | None = None) -> dict:
         vs = f"{res[f'speedup_vs_trl_{mode}']:5.2f}x" if not a.no_trl else "    -"
         print(f"{'ours, ' + mode:24s} {res[f'ours_{mode}_s_per_step']:7.2f}   {vs}  "
               f"{res[f'ours_{mode}_generated_tokens_per_step']:11.0f}  {res[f'ours_{mode}_decode_steps_per_rollout']:12.1f}"
-              f"  {res[f'ours_{mode}_updated_rate']:7.2f}  {res[f'ours_{mode}_s_per_1k_tokens']:11.3f}")
+              f"  {res[f'ours_{mode}_updated_rate']:7.2f}  {res[f'ours_{mode}_s_per_1k_tokens']:11.3f}"
+              f"  {res[f'ours_{mode}_valid_rate']:5.2f}  {res[f'ours_{mode}_accuracy']:8.2f}")
     print(f"parallel / sequential: {res['parallel_over_sequential_per_step']:.2f} per step, "
           f"{res['parallel_over_sequential_per_token']:.2f} per generated token")
+    for mode in MODES:
+        if a.model and res[f"ours_{mode}_valid_rate"] < 0.5:
+            hint = (" (a model trained under the parallel layout stops after its first step in sequential mode; "
+                    "give the sequential arms one that writes the format as causal text: --sequential-model "
+                    "<run>/stage1)" if mode == "sequential" and not a.sequential_model else "")
+            print(f"warning: only {res[f'ours_{mode}_valid_rate']:.0%} of the {mode} rollouts of {models[mode]} "
+                  f"are valid, so the two modes do not do the same task{hint}")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(res, indent=2))

@@ -365,3 +365,23 @@ def test_trainer_profile_times_the_every_row_update_beside_the_default(capsys):
     assert "parallel:every-row/parallel per step" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--modes"):
         trainer_profile.main(["--modes", "parallel:all"])
+
+
+def test_trainer_speed_runs_each_mode_on_its_own_checkpoint_and_says_when_rollouts_are_invalid(capsys):
+    """`--sequential-model`: the sequential arm decodes another checkpoint; each arm reports its valid rate, and a
+    mode whose rollouts are mostly invalid gets a warning (the two modes would not do the same task)."""
+    from benchmarks import trainer_speed
+    from npr_agent.checkpoint import save_tiny_model
+
+    par, seq = save_tiny_model(seed=0), save_tiny_model(seed=1)
+    res = trainer_speed.main(["--model", par, "--sequential-model", seq, "--no-trl", "--steps", "1", "--prompts",
+                              "2", "--group", "2", "--max-new-tokens", "16", "--threads", "1"])
+    assert (res["model"], res["sequential_model"]) == (par, seq)
+    for mode in trainer_speed.MODES:
+        assert 0.0 <= res[f"ours_{mode}_valid_rate"] <= 1.0 and 0.0 <= res[f"ours_{mode}_accuracy"] <= 1.0
+    out = capsys.readouterr().out
+    assert "valid  accuracy" in out
+    for mode in trainer_speed.MODES:  # a random model writes no valid trajectory
+        assert res[f"ours_{mode}_valid_rate"] == 0.0
+        assert f"warning: only 0% of the {mode} rollouts of" in out
+    assert "--sequential-model <run>/stage1" not in out  # it was given
