@@ -33,7 +33,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.trainer_speed import make_arm
+from benchmarks.trainer_speed import decode_steps, make_arm
 
 PHASES = ("rollout", "reward", "batch", "forward", "backward", "optimizer", "other")
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
                 profs[m].disable()
             n = rl.prompts_per_step * rl.group_size
             work[m]["generated_tokens"] += met["length/total_tokens"] * n
-            work[m]["decode_steps"] += met["length/critical_path"]
+            work[m]["decode_steps"] += decode_steps(met, rl.mode)
             work[m]["updated"] += met.get("batch/updated", 0.0)
             work[m]["mismatch"] = max(work[m]["mismatch"], met["policy/logprob_mismatch"])
     res = {"model": model_dir, "sequential_model": a.sequential_model or model_dir, "steps": a.steps,
