@@ -129,6 +129,7 @@ def arm_config(cfg: AblationConfig, arm: Arm, seed: int) -> TrainConfig:
     s3 = tc.stage3
     s3.steps, s3.sampled_tokens, s3.eval_every = cfg.max_steps, cfg.sampled_tokens, cfg.eval_every
     s3.lr_schedule = "constant"
+    s3.select_every = 0  # every arm ends on its last weights: its checks would be compute outside the budget
     return validate(apply_overrides(tc, list(arm.overrides) + list(cfg.overrides)))
 
 

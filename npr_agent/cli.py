@@ -30,6 +30,7 @@ def smoke(cfg: TrainConfig) -> TrainConfig:
     cfg.stage0.check_every, cfg.stage0.ramp_steps = 0, 0
     for rl in (cfg.stage1, cfg.stage3):
         rl.steps, rl.prompts_per_step, rl.group_size, rl.eval_every = 2, 2, 4, 0
+        rl.select_problems = 8  # the preset's stage 3 keeps its best check: on 8 problems here
     cfg.stage2.num_problems, cfg.stage2.tries, cfg.stage2.steps, cfg.stage2.batch_size = 8, 4, 4, 8
     cfg.stage2.min_kept, cfg.stage2.target_kept = 8, 0
     for c in (cfg.stage1, cfg.stage2, cfg.stage3, cfg.eval):

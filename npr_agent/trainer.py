@@ -45,7 +45,7 @@ from .files import atomic_write_jsonl, atomic_write_text
 from .logger import RunLogger, plot_summary, postfix, progress
 from .policy import Sample
 from .replay import MixedGroupReplay, mixed_groups
-from .updates import WeightAverage, policy_update, sft_update
+from .updates import BestWeights, WeightAverage, policy_update, sft_update
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
 
@@ -476,7 +476,7 @@ class NPRTrainer:
             raise Interrupted(f"{stage} stopped after step {done} (stop_after)")
 
     def _maybe_resume(self, stage, model, opt, sched, logged: int = 0, average: WeightAverage | None = None,
-                      replay: MixedGroupReplay | None = None) -> int:
+                      replay: MixedGroupReplay | None = None, best: BestWeights | None = None) -> int:
         """Restore ``stage``'s training state if ``--resume`` finds one; returns the steps already done. The killed
         attempt's rows past that point are dropped by their step, so each step is logged once whatever the clocks
         did. ``logged``: the step of the row that records the ``done``-th step, less ``done`` (SFT -1, RL 0)."""
@@ -489,6 +489,8 @@ class NPRTrainer:
                 average.load_state_dict(saved["extra"]["average"])
             if replay is not None and "replay" in (saved.get("extra") or {}):
                 replay.load_state_dict(saved["extra"]["replay"])
+            if best is not None and "best" in (saved.get("extra") or {}):
+                best.load_state_dict(saved["extra"]["best"])
             print(f"[{stage}] resumed at step {done} from {state}")
         if self.resume and self.dist.is_main:
             data = self.run_dir / "stage2_data.jsonl"
@@ -501,8 +503,8 @@ class NPRTrainer:
     # -- stage 1: NPR-Zero -----------------------------------------------------------------------------------
     def run_stage1(self):
         model = self.seed_model()
-        self.rl("stage1", model, self.cfg.stage1)
-        self._finish_stage("stage1", model, self.evaluate(model, "stage1", mode="sequential"))
+        selected = self.rl("stage1", model, self.cfg.stage1)
+        self._finish_stage("stage1", model, self.evaluate(model, "stage1", mode="sequential"), extra=selected)
         return model
 
     # -- stage 2: NPR-Beta -----------------------------------------------------------------------------------
@@ -632,27 +634,36 @@ class NPRTrainer:
     def run_stage3(self):
         model = self.load_stage("stage2")
         self._add_tags(model)
-        self.rl("stage3", model, self.cfg.stage3)
-        self._finish_stage("stage3", model, self.evaluate(model, "stage3", mode=self.cfg.stage3.mode))
+        selected = self.rl("stage3", model, self.cfg.stage3)
+        self._finish_stage("stage3", model, self.evaluate(model, "stage3", mode=self.cfg.stage3.mode),
+                           extra=selected)
         return model
 
     # -- RL (stages 1 and 3) ---------------------------------------------------------------------------------
-    def rl(self, stage: str, model, cfg: RLConfig) -> None:
+    def rl(self, stage: str, model, cfg: RLConfig) -> dict:
+        """``cfg.steps`` RL steps on ``model``. With ``cfg.select_every`` the stage ends on the weights that solved
+        the most check problems (:class:`BestWeights`); returns ``{"selected_step": ...}`` then, else ``{}``."""
         algo = make_algorithm(cfg.algorithm, dict(cfg.algorithm_args), temperature=cfg.temperature)
         model = self.dist.wrap(model)  # DDP / FSDP2 for the update (identity in one process)
+        best = BestWeights() if cfg.select_every else None
+        if best is not None and is_sharded(model):
+            raise ConfigError(f"{stage}.select_every: keeping the best weights needs whole weights on each rank; "
+                              f"FSDP2 shards them (use DDP, or {stage}.select_every = 0)")
         with self.dist.full_weights(model):  # FSDP2: the engine binds whole weights, in the compute dtype
             engine = self.engine(unwrap(model))
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, ckpt.lr_lambda(cfg.lr_schedule, cfg.steps, cfg.warmup_steps, 0.1))
         replay = MixedGroupReplay(cfg.replay_capacity)  # mixed groups' problems, replayed (cfg.replay_fraction)
-        start = self._maybe_resume(stage, model, opt, sched, replay=replay)
+        start = self._maybe_resume(stage, model, opt, sched, replay=replay, best=best)
         bar = progress(cfg.steps, stage, disable=not self.show_progress)
         bar.update(start)
         if start == 0:
-            self.logger.log(stage, 0, self.start_eval(stage, model, cfg.mode).scalars())
+            self.logger.log(stage, 0, {**self.start_eval(stage, model, cfg.mode).scalars(),
+                                       **self._select(stage, model, cfg, best, 0)})
         # sampling compute so far (cfg.sampled_tokens budget); a resumed stage re-reads it from its logged steps
         spent = self.logger.total(stage, "perf/sampled_tokens", until_step=start) if start else 0.0
+        done = start
         for step in range(start, cfg.steps):
             m = self.rl_step(stage, step, model, engine, algo, opt, cfg, replay)
             spent += m["perf/sampled_tokens"]
@@ -664,14 +675,34 @@ class NPRTrainer:
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:  # the stage's own
                 # final eval (run_stage*) is logged at the last step
                 m.update(self.evaluate(model, stage, mode=cfg.mode, log=False).scalars())
+            if best is not None and ((step + 1) % cfg.select_every == 0 or last):
+                m.update(self._select(stage, model, cfg, best, step + 1))
             self.logger.log(stage, step + 1, m)
             bar.set_postfix(postfix(m))
             bar.update(1)
-            self._checkpoint(stage, step + 1, self.cfg.checkpoint_every, model, opt, sched,
-                             extra={"replay": replay.state_dict()})
+            done = step + 1
+            extra = {"replay": replay.state_dict(), **({"best": best.state_dict()} if best is not None else {})}
+            self._checkpoint(stage, step + 1, self.cfg.checkpoint_every, model, opt, sched, extra=extra)
             if last:
                 break
         bar.close()
+        if best is None:
+            return {}
+        if best.step != done:
+            unwrap(model).load_state_dict(best.weights)
+            print(f"[{stage}] ends on the weights of step {best.step}: they solved {best.score:.3f} of the "
+                  f"{cfg.select_problems} check problems, more than the weights of step {done} did")
+        return {"selected_step": best.step}
+
+    def _select(self, stage: str, model, cfg: RLConfig, best: BestWeights | None, step: int) -> dict[str, float]:
+        """One check for :class:`BestWeights`: ``model`` decodes the check problems (greedy, the stage's mode) and
+        its weights are kept if they solve at least as many as the best so far."""
+        if best is None:
+            return {}
+        problems = self.problems("check", 0, cfg.select_problems)
+        res = self._check(model, lambda m: self.evaluate(m, stage, mode=cfg.mode, log=False, problems=problems))
+        best.offer(unwrap(model), res.accuracy, step)
+        return {"accuracy/select": res.accuracy, "select/best_step": float(best.step)}
 
     def rl_step(self, stage, step, model, engine, algo, opt, cfg: RLConfig,
                 replay: MixedGroupReplay | None = None) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
     sft_update(model, samples, opt, micro_batch_size=8, grad_clip=1.0)            # stages 0 and 2
     WeightAverage(model, decay=0.99).update(model)                                  # stage 0's check
+    BestWeights().offer(model, score, step)                                         # an RL stage's selection
     policy_update(model, algo, kept, advantages, opt, micro_batch_size=32, grad_clip=1.0, check=rollouts)
 
 Each is the optimizer loop over length-sorted micro-batches, the loss calls and the metrics. Losses divide token
@@ -158,3 +159,29 @@ class WeightAverage:
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state)
+
+
+class BestWeights:
+    """A copy (on the CPU) of the weights that scored highest so far, the latest among ties.
+
+    An RL stage offers its weights at each check (``RLConfig.select_every``) and ends on the best: a late collapse
+    of the policy is then not the stage's result, and the weights it started from are a candidate too."""
+
+    def __init__(self):
+        self.score: float | None = None
+        self.step: int | None = None
+        self.weights: dict[str, torch.Tensor] | None = None
+
+    def offer(self, model: nn.Module, score: float, step: int) -> bool:
+        """Keep ``model``'s weights if ``score`` is at least the best so far; returns whether they were kept."""
+        if self.score is not None and score < self.score:
+            return False
+        self.score, self.step = float(score), int(step)
+        self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return True
+
+    def state_dict(self) -> dict:
+        return {"score": self.score, "step": self.step, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.score, self.step, self.weights = state["score"], state["step"], state["weights"]

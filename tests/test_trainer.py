@@ -102,6 +102,62 @@ def test_rl_replays_mixed_groups_and_resumes_with_the_same_buffer(tmp_path):
         validate(apply_overrides(preset("tiny"), ["stage3.replay_fraction=1.5"]))
 
 
+def test_best_weights_keep_the_latest_of_the_highest_scores():
+    import torch
+
+    from npr_agent.updates import BestWeights
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    best = BestWeights()
+    for step, (value, score, kept) in enumerate([(1.0, 0.5, True), (2.0, 0.25, False), (3.0, 0.5, True),
+                                                 (4.0, 0.4, False)]):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        assert best.offer(model, score, step) is kept
+    assert (best.score, best.step) == (0.5, 2)  # a tie goes to the later weights
+    assert torch.equal(best.weights["weight"], torch.full((1, 2), 3.0))  # a copy, not the live tensor
+    again = BestWeights()
+    again.load_state_dict(best.state_dict())
+    assert (again.score, again.step) == (0.5, 2) and torch.equal(again.weights["weight"], best.weights["weight"])
+
+
+def test_an_rl_stage_ends_on_the_weights_that_solved_the_most_check_problems(tmp_path):
+    """stage1.select_every = 1: the start and every step are checked on held-apart problems (logged as
+    accuracy/select), the checks survive a resume, and the stage ends on the best weights, not the last ones.
+
+    An untrained model solves nothing, so every check ties and the last weights win; to see the stage go back, the
+    saved state of a killed run is given a best (step 1's weights) that solved every check problem."""
+    import torch
+
+    cfg = tiny_cfg()
+    cfg.stage1.eval_every, cfg.stage1.select_every, cfg.stage1.select_problems = 0, 1, 3
+    summary = NPRTrainer(cfg, tmp_path / "a", show_progress=False).run(("stage0", "stage1"))
+    r = rows(tmp_path / "a", "stage1")
+    assert [s for s in sorted(r) if "accuracy/select" in r[s]] == [0, 1, 2, 3]
+    scores = [r[s]["accuracy/select"] for s in range(4)]
+    latest_best = max(s for s in range(4) if scores[s] == max(scores))
+    assert summary["stage1"]["selected_step"] == latest_best == r[3]["select/best_step"]
+
+    t = NPRTrainer(cfg, tmp_path / "b", show_progress=False)
+    t.stop_after = {"stage1": 2}
+    with pytest.raises(Interrupted):
+        t.run(("stage0", "stage1"))
+    state_path = tmp_path / "b" / "stage1.state.pt"
+    state = torch.load(state_path, weights_only=False)
+    assert state["extra"]["best"]["step"] in (0, 1, 2)  # the checks so far are part of the training state
+    state["extra"]["best"] = {"score": 1.0, "step": 1, "weights": state["model"]}  # step 2's weights, as "step 1"
+    torch.save(state, state_path)
+    summary = NPRTrainer(cfg, tmp_path / "b", resume=True, show_progress=False).run(("stage0", "stage1"))
+    assert summary["stage1"]["selected_step"] == 1
+    from npr_agent.checkpoint import load_pretrained
+
+    final = load_pretrained(tmp_path / "b" / "stage1", torch.float32).state_dict()
+    for k, v in state["model"].items():
+        assert torch.equal(final[k], v), k
+    with pytest.raises(ConfigError, match="stage3.select_problems"):
+        validate(apply_overrides(preset("tiny"), ["stage3.select_problems=0"]))
+
+
 def test_held_out_evals_inside_an_rl_stage_do_not_change_its_training(tmp_path):
     """An eval decodes greedily on its own engine, so skipping one (stage1.eval_every = 0) saves its time only."""
     runs = {}
@@ -181,13 +237,14 @@ def test_the_recipe_configs_change_only_their_fields():
     tiny = preset("tiny")
     _differs_only_in(load_file("configs/tiny-curriculum.toml"), tiny, {("stage2", "steps"): 500,
                                                                          ("stage3", "steps"): 60,
-                                                                         ("stage3", "replay_fraction"): 0.0})
+                                                                         ("stage3", "replay_fraction"): 0.0,
+                                                                         ("stage3", "select_every"): 0})
     _differs_only_in(load_file("configs/tiny-fixed-budget.toml"), tiny, {
         ("stage0", "steps"): 700, ("stage0", "parallel_fraction"): 0.2, ("stage0", "parallel_fraction_start"): None,
         ("stage0", "check_every"): 0, ("stage0", "decay_steps"): 100, ("stage0", "ramp_steps"): 0,
         ("stage1", "steps"): 20, ("stage2", "target_kept"): 200, ("stage2", "epochs_cap"): 24,
         ("stage2", "steps"): 400, ("stage3", "steps"): 150, ("stage3", "eval_every"): 25,
-        ("stage3", "replay_fraction"): 0.0})
+        ("stage3", "replay_fraction"): 0.0, ("stage3", "select_every"): 0})
     for f in ("configs/tiny-curriculum.toml", "configs/tiny-fixed-budget.toml"):
         validate(load_file(f))
 
