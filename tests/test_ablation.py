@@ -63,6 +63,17 @@ def test_rl_stops_at_its_sampled_token_budget(source, tmp_path):
     assert len(steps) == 1 and steps[0]["perf/sampled_tokens_total"] == steps[0]["perf/sampled_tokens"] > 0
 
 
+def test_ablation_arms_end_on_their_last_weights(source):
+    """The source's stage 3 keeps its best check (the preset); an arm does not: the checks would be compute outside
+    the arms' equal budget."""
+    from npr_agent.config import load_file
+
+    assert load_file(source / "config.json").stage3.select_every > 0
+    cfg = ablation.AblationConfig(source=str(source), out="unused")
+    for arm in ablation.ARMS.values():
+        assert ablation.arm_config(cfg, arm, seed=0).stage3.select_every == 0, arm.name
+
+
 @pytest.mark.slow
 def test_ablate_smoke_every_arm_one_seed(source, tmp_path):
     """`npr ablate` end to end with one seed and a few steps per arm: a result per arm, the table, the JSON,
