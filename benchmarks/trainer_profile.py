@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         mode, _, variant = m.partition(":")
         if mode not in ("parallel", "sequential") or variant not in ("", "every-row"):
             raise SystemExit(f"--modes: {m!r} is not one of parallel, sequential, each optionally ':every-row'")
-        arm_model = a.sequential_model or model_dir if mode == "sequential" else model_dir
+        arm_model = (a.sequential_model or model_dir) if mode == "sequential" else model_dir
         arms[m] = make_arm(arm_model, mode, a.prompts, a.group, a.max_new_tokens, a.threads)
         arms[m][0].skip_inert_rows = variant != "every-row"
     clocks = {m: Clock() for m in modes}
