@@ -62,12 +62,11 @@ def decode_steps(metrics: dict[str, float], mode: str) -> float:
     return metrics["length/critical_path"] if mode == "parallel" else metrics["length/total_tokens"]
 
 
-def ours(models: str | dict[str, str], steps: int, prompts: int, group: int, max_new: int, threads: int,
+def ours(models: dict[str, str], steps: int, prompts: int, group: int, max_new: int, threads: int,
          modes=MODES) -> dict[str, dict[str, float]]:
     """Per mode: seconds per step and the work a step did, the modes alternating step by step.
 
-    ``models``: one checkpoint for every mode, or a checkpoint per mode."""
-    models = {m: models for m in modes} if isinstance(models, str) else models
+    ``models``: the checkpoint of each mode."""
     arms = {m: make_arm(models[m], m, prompts, group, max_new, threads) for m in modes}
     for t, model, engine, algo, opt, rl in arms.values():
         t.rl_step("stage3", 0, model, engine, algo, opt, rl)  # warm-up, untimed
