@@ -241,10 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from engine import NPREngine, SamplingParams
+    from engine.host import configure_host
 
     t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_host(args.threads)
     try:
         names = suites.parse_names(args.benchmarks)
         sources = _sources(args.source)
