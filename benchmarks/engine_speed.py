@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from engine.host import configure_host
+from engine.host import retain_freed_memory
 
 TARGETS = {"vs_hf_generate_batch1": 1.2, "vs_hf_generate_mixed16": 1.5, "parallel_efficiency_k4": 0.9,
            "parallel_efficiency_k8": 0.85}
@@ -362,7 +362,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-wait", type=float, default=None,
                     help="seconds of disturbed runs to repeat before accepting them (default 120 quick, 600 full)")
     args = ap.parse_args(argv)
-    configure_host(args.threads)
+    torch.set_num_threads(args.threads)
+    retain_freed_memory()
 
     import npr_env
     from engine import NPREngine

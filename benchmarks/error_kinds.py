@@ -172,8 +172,9 @@ def compare(before: dict, after: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
 
-    from engine.host import configure_host
+    from engine.host import retain_freed_memory
     from npr_agent.checkpoint import load_pretrained, load_tokenizer
     from npr_agent.config import ModelConfig
 
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the counts here")
     ap.add_argument("--copy-probe", action="store_true", help="the teacher-forced restatement probe instead")
     args = ap.parse_args(argv)
-    configure_host(args.threads)
+    torch.set_num_threads(args.threads)
+    retain_freed_memory()
     run = Path(args.run)
     stages = [s for s in args.stage.split(",") if s]
     missing = [s for s in stages if not (run / s / "config.json").exists()]

@@ -149,10 +149,9 @@ def step(model, batch, config: str) -> float:
 def child(config: str, n_tokens: int, threads: int, device_name: str, checkpointing: bool) -> dict:
     import torch
 
-    from engine.host import configure_host
     from npr_agent.policy import build_batch, resolve_attn
 
-    configure_host(threads)
+    torch.set_num_threads(threads)
     device = torch.device(device_name)
     model = build_model(device, checkpointing)
     layout = "sequential" if config == "causal" else "parallel"

@@ -230,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from datetime import datetime, timezone
 
-    from engine.host import configure_host
     from npr_agent.evaluate import hardware
 
-    configure_host(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     eng = {"skipped": "--skip-engine"} if args.skip_engine else engine_section(args.quick, out)

@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hotspots", type=int, default=0, metavar="N", help="print each mode's top N functions")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args(argv)
+    import torch
 
-    from engine.host import configure_host
     from npr_agent.checkpoint import save_tiny_model
 
-    configure_host(a.threads)
+    torch.set_num_threads(a.threads)
     model_dir = a.model or save_tiny_model(hidden_size=128, num_layers=3)
     from npr_env.verify import warmup
 

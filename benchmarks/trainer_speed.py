@@ -91,15 +91,15 @@ def ours(models: dict[str, str], steps: int, prompts: int, group: int, max_new: 
 
 
 def trl(model_dir: str, steps: int, prompts: int, group: int, max_new: int, threads: int) -> float:
+    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     import npr_env
-    from engine.host import configure_host
     from npr_env.tasks import GroupSumTasks
 
-    configure_host(threads)
+    torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
     npr_env.add_npr_tokens(tok)
     probs = GroupSumTasks(seed=0).sample(prompts * (steps + 1))

@@ -1,18 +1,23 @@
-"""The host process: torch's CPU threads, and what glibc's malloc does with the memory torch frees.
+"""Host memory: what glibc's malloc does with the memory torch frees, in a process that only decodes.
 
-Every CPU tensor is a ``malloc``. By default glibc serves a block above its mmap threshold (128 KiB, raised
-as such blocks are freed, at most 32 MiB) with a fresh ``mmap`` and unmaps it on free, and it trims the heap's
-free top back to the kernel. The next tensor of that size then takes a page fault for every 4 KiB it
-touches. A decode step gathers each share group's K/V out of the pool (about 3 MB per layer for the tiny
-preset's 64 rows), so a rollout pays those faults at every step of every layer. With a fixed threshold above
-such tensors and a high trim threshold, freed blocks stay in the heap and are reused.
+Every CPU tensor is a ``malloc``. glibc serves a block above its mmap threshold with a fresh ``mmap`` and unmaps
+it on free. The threshold starts at 128 KiB and rises to the size of each such block freed (at most 32 MiB), and
+the heap's free top is trimmed back to the kernel above twice that. A decode step gathers each share group's K/V
+out of the pool, ~3 MB per layer for the tiny preset's 64 rows and more as contexts grow, so in a process that
+does nothing else the threshold trails the gathers: they are mapped or trimmed and fault every page in again.
+:func:`retain_freed_memory` fixes the thresholds above such tensors, so freed blocks stay in the heap for reuse.
 
-Measured on a 2-core AMD EPYC (one sequential ``generate`` of 8 prompts x 8 samples, 448 tokens, the tiny
-preset's stage-1 model, processes alternating; docs/results.md): 4.4-6.2 s by default, 3.7-4.2 s with
-:func:`configure_host`. The heap then keeps up to :data:`TRIM_THRESHOLD` of freed memory mapped.
+Measured on a 2-core AMD EPYC, 2 threads, processes alternating (docs/results.md, "Host memory"):
+``benchmarks.error_kinds`` on 512 problems took 36.3 / 32.0 s with 2.5M minor page faults by default and
+27.5 / 28.5 s with 0.21M. The processes that only decode call it: ``npr rollout``, ``npr eval``,
+``benchmarks.error_kinds`` and ``benchmarks.engine_speed`` (both of its arms, the engine and HF ``generate``).
 
-glibc only: elsewhere (macOS, musl) :func:`retain_freed_memory` does nothing and says so. A user who set
-``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` keeps their own settings.
+The trainer does not. Its updates free larger tensors, which lift glibc's own threshold early: a stage-3 step
+took ~40k faults by default (about 1% of its time), and four paired 20-step stage-3 runs gave rollouts of
+44-62 s either way, three of four pairs slower with the fixed thresholds.
+
+glibc only: elsewhere (macOS, musl) it does nothing and says why. A user who set ``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` keeps their own settings.
 """
 
 from __future__ import annotations
@@ -21,8 +26,6 @@ import ctypes
 import ctypes.util
 import os
 import sys
-
-import torch
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -34,7 +37,7 @@ _applied: tuple[bool, str] | None = None
 
 
 def retain_freed_memory() -> tuple[bool, str]:
-    """Raise glibc's mmap and trim thresholds once per process; ``(applied, why)``. Safe to call again."""
+    """Fix glibc's mmap and trim thresholds, once per process; returns ``(applied, why)``."""
     global _applied
     if _applied is not None:
         return _applied
@@ -46,8 +49,7 @@ def retain_freed_memory() -> tuple[bool, str]:
         _applied = (False, f"left to the environment ({', '.join(user)})")
         return _applied
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError) as e:  # musl has no mallopt
         _applied = (False, f"no mallopt in the C library ({e})")
         return _applied
@@ -55,12 +57,3 @@ def retain_freed_memory() -> tuple[bool, str]:
     ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     _applied = (ok, "mmap threshold 256 MiB, trim threshold 1 GiB" if ok else "mallopt refused the thresholds")
     return _applied
-
-
-def configure_host(threads: int | None = None, retain_memory: bool = True) -> None:
-    """Set torch's intra-op CPU threads (``None``: leave them) and, with ``retain_memory``, keep freed host
-    memory in the heap (:func:`retain_freed_memory`). Every entry point of the project calls this."""
-    if threads:
-        torch.set_num_threads(threads)
-    if retain_memory:
-        retain_freed_memory()

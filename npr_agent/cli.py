@@ -78,9 +78,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_rollout(args) -> int:
+    import torch
 
     from engine import NPREngine, SamplingParams
-    from engine.host import configure_host
+    from engine.host import retain_freed_memory
     from npr_env.prompts import PromptConfig, load_prompt_config, prompt_ids
     from npr_env.render import render_ansi, render_rgb
     from npr_env.tasks import GroupSumTasks
@@ -88,7 +89,8 @@ def cmd_rollout(args) -> int:
     from .checkpoint import load_pretrained, load_tokenizer
     from .config import ModelConfig
 
-    configure_host(args.threads)
+    torch.set_num_threads(args.threads)
+    retain_freed_memory()
     tok = load_tokenizer(ModelConfig(path=args.model))
     model = load_pretrained(args.model).eval()
     problems = GroupSumTasks(seed=args.seed, split="test").sample(args.n)

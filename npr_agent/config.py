@@ -244,9 +244,6 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 2
-    # keep freed host memory in the process for reuse (glibc malloc; engine.host): a CPU decode step's K/V
-    # gathers otherwise fault their pages in afresh at every step
-    retain_freed_memory: bool = True
     stages: tuple[str, ...] = ("stage0", "stage1", "stage2", "stage3")
     model: ModelConfig = field(default_factory=ModelConfig)
     tasks: TaskConfig = field(default_factory=TaskConfig)

@@ -241,10 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from engine import NPREngine, SamplingParams
-    from engine.host import configure_host
+    from engine.host import retain_freed_memory
 
     t_start = time.perf_counter()
-    configure_host(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    retain_freed_memory()
     try:
         names = suites.parse_names(args.benchmarks)
         sources = _sources(args.source)

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 import npr_env
-from engine.host import configure_host
 from npr_env import rewards as R
 from npr_env.convert import parallel_ids
 from npr_env.graph import ExecutionGraph
@@ -186,7 +185,7 @@ class NPRTrainer:
     # -- setup ----------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        configure_host(cfg.threads, cfg.retain_freed_memory)
+        torch.set_num_threads(cfg.threads)
         ckpt.seed_everything(cfg.seed)
         self.device = ckpt.resolve_device(cfg.device)
         self.tokenizer = ckpt.load_tokenizer(cfg.model)
