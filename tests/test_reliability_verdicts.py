@@ -101,11 +101,13 @@ def test_100kb_of_unterminated_boxes_is_verified_parsed_and_scored_in_under_a_se
     assert ok is True and cpu < 1.0
     many, cpu = _cpu(verify_many, [UNTERMINATED] * 3, ["1"] * 3)
     assert many == [False] * 3 and cpu < 1.0
-    t0 = time.process_time()
+    # this thread's CPU: the parse runs here, and process_time counts every thread of the process (torch's pool
+    # too). The parse took 0.26-0.36 s alone, and 1.10 s of process time in one full suite run.
+    t0 = time.thread_time()
     g = npr_env.parse(UNTERMINATED)
     codes = [v.code for v in g.violations]
     assert not g.is_valid and "MISSING_ANSWER" in codes
-    assert time.process_time() - t0 < 1.0
+    assert time.thread_time() - t0 < 1.0
     for preset in ("stage1", "papo", "accuracy"):
         r, cpu = _cpu(rewards.score, preset, UNTERMINATED, "1")
         assert r.correct is False and cpu < 1.0, preset
