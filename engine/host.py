@@ -50,7 +50,7 @@ def retain_freed_memory() -> tuple[bool, str]:
         return _applied
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError) as e:  # musl has no mallopt
+    except (OSError, AttributeError) as e:  # no C library found, or one without mallopt
         _applied = (False, f"no mallopt in the C library ({e})")
         return _applied
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
