@@ -26,6 +26,8 @@ reads K/V through a gather from the pool (``index_select`` per layer: a copy, no
   (scratch) of groups shorter than the longest.
 
 GQA is handled by folding the query heads of one KV group into the query-length axis, so K/V are never repeated.
+On the CPU, attention with few queries per KV head (decode, short forced runs) runs as two batched GEMMs over a
+KV-head-major gather (:func:`_gemm_attention`), the rest through SDPA.
 The runner counts what its decode forwards gather (:attr:`ModelRunner.decode_kv_slots`).
 
 The scheduler reserves the KV slots of the new tokens in each row's block table; :meth:`ModelRunner.prepare_decode`
@@ -152,6 +154,26 @@ def _bias(linear):
     return linear.bias if getattr(linear, "bias", None) is not None else None
 
 
+def _gemm_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, rows: torch.Tensor,
+                    bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Softmax attention as two batched GEMMs, for few queries per row on the CPU (decode, short forced runs).
+
+    ``q`` ``[Bk, Qm, KV, g, D]``; ``rows`` indexes the pool's ``[slots * KV, D]`` view KV-head-major (all of head
+    0's key rows, then head 1's), so the gathered K/V are ``[KV, Bk, Lk, D]`` and contiguous: every GEMM runs on
+    plain strides. The CPU's fused SDPA kernel splits its work by (row, head, query block), which for one or two
+    queries per head leaves each task too small (~2x slower at 64 decode rows). ``bias`` is ``[Bk, 1, Qm * g or
+    1, Lk]``. The scores, ``[KV, Bk, Qm * g, Lk]``, are ``Qm * g / D`` of the gathered keys' size. Returns
+    ``[Bk * Qm, KV * g * D]``."""
+    Bk, Qm, KV, g, D = q.shape
+    k = k_flat.view(-1, D).index_select(0, rows).view(KV, Bk, -1, D)
+    v = v_flat.view(-1, D).index_select(0, rows).view(KV, Bk, -1, D)
+    s = torch.matmul(q.permute(2, 0, 1, 3, 4).reshape(KV, Bk, Qm * g, D), k.transpose(-1, -2)).mul_(scale)
+    if bias is not None:
+        s.add_(bias.view(1, Bk, bias.shape[2], bias.shape[3]))
+    o = torch.matmul(torch.softmax(s, dim=-1), v)  # [KV, Bk, Qm * g, D]
+    return o.view(KV, Bk, Qm, g, D).permute(1, 2, 0, 3, 4).reshape(Bk * Qm, KV * g * D)
+
+
 class _Layer:
     """References to one decoder layer's parameters (the live tensors, never copies)."""
 
@@ -162,7 +184,7 @@ class _Layer:
 class ModelRunner:
     """Applies an HF Qwen3/Qwen2/Llama ``*ForCausalLM`` module over a :class:`~engine.kv_cache.BlockPool`."""
 
-    def __init__(self, model: torch.nn.Module, decode_attention: str = "auto"):
+    def __init__(self, model: torch.nn.Module, decode_attention: str = "auto", gemm_attention: bool = True):
         if decode_attention not in DECODE_ATTENTION:
             raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
         cfg = model.config
@@ -186,6 +208,7 @@ class ModelRunner:
             "default", "linear", "llama3", "yarn")
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.decode_attention = decode_attention
+        self.gemm_attention = gemm_attention  # False: every gathered attention through SDPA (tests, benchmarks)
         self._paged: PagedDecode | None = None
         self.reset_counters()
         self.bind()
@@ -395,6 +418,10 @@ class ModelRunner:
         if attn_bias is not None and Qm > 1 and g > 1:  # query row q*g + j is head j of query q
             attn_bias = attn_bias.repeat_interleave(g, dim=2)
         flat_keys = key_index.reshape(-1)
+        kv_rows = None  # batched-GEMM attention (see _gemm_attention): K/V rows to gather, KV-head-major
+        if (self.gemm_attention and Bk > 1 and Qm * g <= D and block_mask is None and x.device.type == "cpu"
+                and x.dtype == torch.float32):
+            kv_rows = (flat_keys[None, :] * KV + torch.arange(KV, device=x.device)[:, None]).reshape(-1)
         hidden = x.shape[-1]
         for i, L in enumerate(self.layers):
             h = _rms(x, L.ln1, L.e1)
@@ -411,13 +438,17 @@ class ModelRunner:
                 o = self._paged.attend(q.transpose(1, 2), kf, vf, block_mask, n_slots, self.scale)
                 o = o.reshape(B * Q, H * D)
             else:
-                keys = kf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)  # [Bk, KV, Lk, D]
-                vals = vf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)
                 if q_index is not None:  # scatter the rows' queries into their groups (padding queries: zeros)
                     q = q.new_zeros((Bk * Qm, H, D)).index_copy_(0, q_index, q.view(B, H, D))
-                qg = q.reshape(Bk, Qm, KV, g, D).permute(0, 2, 1, 3, 4).reshape(Bk, KV, Qm * g, D)
-                o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=attn_bias, scale=self.scale)
-                o = o.view(Bk, KV, Qm, g, D).permute(0, 2, 1, 3, 4).reshape(Bk * Qm, H * D)
+                q = q.reshape(Bk, Qm, KV, g, D)
+                if kv_rows is not None:
+                    o = _gemm_attention(q, kf, vf, kv_rows, attn_bias, self.scale)
+                else:
+                    keys = kf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)  # [Bk, KV, Lk, D]
+                    vals = vf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)
+                    qg = q.permute(0, 2, 1, 3, 4).reshape(Bk, KV, Qm * g, D)
+                    o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=attn_bias, scale=self.scale)
+                    o = o.view(Bk, KV, Qm, g, D).permute(0, 2, 1, 3, 4).reshape(Bk * Qm, H * D)
                 if q_index is not None:  # back to the packed rows
                     o = o.index_select(0, q_index)
             # residual adds fused into the projections' GEMMs (x + o @ W^T)

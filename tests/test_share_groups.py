@@ -146,3 +146,45 @@ def test_grouped_decode_equals_per_row_decode(seed):
     for t in live + dead:
         if not t.released:
             t.release()
+
+
+@pytest.mark.parametrize("seed", [0, 3, 5])
+def test_gemm_attention_equals_sdpa_for_decode_and_forced_runs(seed):
+    """The CPU's batched-GEMM attention (few queries per KV head) gives SDPA's logits: grouped and per-row decode,
+    and a forced run of three tokens per row."""
+    runner = _tiny_runner()
+    pool = BlockPool(512, block_size=4, num_layers=runner.num_layers, kv_heads=runner.kv_heads,
+                     head_dim=runner.head_dim)
+    for kf, vf in zip(pool.k_flat, pool.v_flat):
+        kf[:-4].normal_()
+        vf[:-4].normal_()
+    live, dead = forest(seed, pool)
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, 97, len(live)).tolist()
+    pos = [int(p) for p in rng.integers(0, 200, len(live))]
+    k0 = [kf.clone() for kf in pool.k_flat]
+    outs = {}
+    for gemm in (True, False):
+        runner.gemm_attention = gemm
+        for share in (True, False):
+            for kf, k in zip(pool.k_flat, k0):
+                kf.copy_(k)
+            outs[gemm, share] = runner.run(pool, runner.prepare_decode(pool, live, toks, pos, share=share))
+    for share in (True, False):
+        assert torch.allclose(outs[True, share], outs[False, share], atol=1e-5, rtol=0)
+    forced = [rng.integers(0, 97, 3).tolist() for _ in live]
+    for t in live:
+        for _ in range(3):
+            t.append_slot()
+    fpos = [[p + 1 + j for j in range(3)] for p in pos]
+    every = {}
+    for gemm in (True, False):
+        runner.gemm_attention = gemm
+        for kf, k in zip(pool.k_flat, k0):
+            kf.copy_(k)
+        every[gemm] = runner.run(pool, runner.prepare_extend(pool, live, forced, fpos, every=True))
+    assert every[True].shape == (len(live), 3, 97)
+    assert torch.allclose(every[True], every[False], atol=1e-5, rtol=0)
+    for t in live + dead:
+        if not t.released:
+            t.release()
