@@ -85,54 +85,74 @@ def attn_per_row(kv_width: int) -> float:
     return min(0.5, max(ATTN_PER_ROW, 16 / max(1, kv_width)))
 
 
-def share_groups(views: list[np.ndarray], per_row: float = ATTN_PER_ROW
+def share_groups(tables: list, per_row: float = ATTN_PER_ROW
                  ) -> list[tuple[list[int], np.ndarray, list[np.ndarray]]]:
-    """Group decode rows by the KV slots their tables share. ``views[r]``: row ``r``'s visible slots, in order.
+    """Group decode rows by the KV blocks their tables share. ``tables[r]``: row ``r``'s
+    :class:`~engine.kv_cache.BlockTable`.
 
     Returns ``(rows, union, cols)`` per group: ``union`` holds each slot that a row of the group sees, once (the
     rows' common prefix first, in order, then the other slots, sorted); ``cols[j]`` are the columns of ``union``
-    that row ``rows[j]`` sees: exactly the slots its own table lists. Rows start in one group per first slot
-    (the samples of one prompt share its first block); a group too sparse for its union to pay (``per_row``:
-    scoring a slot for one more row over copying it, :func:`attn_per_row`) is split by the first slot after its
-    common prefix (a request's siblings share their parent's slots), down to single rows."""
+    that row ``rows[j]`` sees: exactly the slots its own table lists. Rows start in one group per first block
+    (the samples of one prompt share it); a group too sparse for its union to pay (``per_row``: scoring a slot
+    for one more row over copying it, :func:`attn_per_row`) is split by the first block after the blocks all its
+    rows share (a request's siblings share their parent's blocks), down to single rows.
+
+    The decision reads blocks, not slots: a row sees every filled slot of the blocks it references (the pool's
+    write rule, :meth:`engine.paged_attention.PagedDecode.check`), so a group's union holds the filled slots of
+    its distinct blocks. Slots are read only to build a group that pays."""
     first: dict[int, list[int]] = {}
-    for r, v in enumerate(views):
-        first.setdefault(int(v[0]), []).append(r)
+    for r, t in enumerate(tables):
+        first.setdefault(t.blocks[0], []).append(r)
     out: list = []
     for rows in first.values():
-        _split(views, rows, 1, out, per_row)
+        _split(tables, rows, 1, out, per_row)
     return out
 
 
-def _split(views, rows: list[int], start: int, out: list, per_row: float) -> None:
-    """``rows`` share (at least) their first ``start`` slots."""
-    ref = views[rows[0]]
+def _split(tables, rows: list[int], start: int, out: list, per_row: float) -> None:
+    """``rows`` share (at least) their first ``start`` blocks."""
     if len(rows) == 1:
-        out.append((rows, ref, [np.arange(len(ref))]))
+        view = tables[rows[0]].slot_view()
+        out.append((rows, view, [np.arange(len(view))]))
         return
-    p = len(ref)
+    ref = tables[rows[0]].blocks
+    k = len(ref)  # the blocks every row shares
     for r in rows[1:]:
-        v = views[r]
-        m = min(p, len(v))
-        neq = np.flatnonzero(v[start:m] != ref[start:m])
-        p = start + int(neq[0]) if len(neq) else m
-    rests = [views[r][p:] for r in rows]
-    total = sum(len(views[r]) for r in rows)
-    uniq, inv = np.unique(np.concatenate(rests), return_inverse=True)
-    width = p + len(uniq)
-    if width * (1 + per_row * len(rows)) <= total * (1 + per_row):
-        prefix, cols, a = np.arange(p), [], 0
-        for x in rests:
-            cols.append(np.concatenate([prefix, p + inv[a:a + len(x)]]))
-            a += len(x)
-        out.append((rows, np.concatenate([ref[:p], uniq]), cols))
-        return
-    by: dict[int, list[int]] = {}  # at least two keys: some rows differ at p, or one ends there (-1)
+        blocks = tables[r].blocks
+        m, i = min(k, len(blocks)), start
+        while i < m and blocks[i] == ref[i]:
+            i += 1
+        k = i
+    fill = tables[rows[0]].pool.fill
+    width = sum(fill[b] for b in ref[:k]) + sum(fill[b] for b in set().union(*(tables[r].blocks[k:] for r in rows)))
+    total = sum(tables[r].n for r in rows)
+    by: dict[int, list[int]] = {}
     for r in rows:
-        v = views[r]
-        by.setdefault(int(v[p]) if len(v) > p else -1, []).append(r)
+        blocks = tables[r].blocks
+        by.setdefault(blocks[k] if len(blocks) > k else -1, []).append(r)
+    if width * (1 + per_row * len(rows)) <= total * (1 + per_row) or len(by) == 1:
+        out.append(_union(tables, rows))
+        return
     for sub in by.values():
-        _split(views, sub, p, out, per_row)
+        _split(tables, sub, k, out, per_row)
+
+
+def _union(tables, rows: list[int]) -> tuple[list[int], np.ndarray, list[np.ndarray]]:
+    """One share group: the rows' common slot prefix in order, then the other slots they see, sorted."""
+    views = [tables[r].slot_view() for r in rows]
+    ref = views[0]
+    p = len(ref)
+    for v in views[1:]:
+        m = min(p, len(v))
+        neq = np.flatnonzero(v[:m] != ref[:m])
+        p = int(neq[0]) if len(neq) else m
+    rests = [v[p:] for v in views]
+    uniq, inv = np.unique(np.concatenate(rests), return_inverse=True)
+    prefix, cols, a = np.arange(p), [], 0
+    for x in rests:
+        cols.append(np.concatenate([prefix, p + inv[a:a + len(x)]]))
+        a += len(x)
+    return rows, np.concatenate([ref[:p], uniq]), cols
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -277,7 +297,7 @@ class ModelRunner:
             self.paged_forwards += 1
             return StepInput(ids, pos, write, torch.empty((B, 0), dtype=torch.int64, device=dev), None,
                              block_mask=mask, n_slots=n_slots)
-        groups = share_groups([t.slot_view() for t in tables], self.attn_per_row) if share and B > 1 else None
+        groups = share_groups(tables, self.attn_per_row) if share and B > 1 else None
         if groups is not None and len(groups) < B:
             G, Qm, Lu = len(groups), max(len(g[0]) for g in groups), max(len(g[1]) for g in groups)
             if G * Lu < B * L:

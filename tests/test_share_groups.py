@@ -54,9 +54,13 @@ def test_each_row_sees_exactly_its_own_slots(seed):
     pool = BlockPool(512, block_size=4)
     live, dead = forest(seed, pool)
     views = [t.slot_view() for t in live]
-    groups = share_groups(views)
+    groups = share_groups(live)
     seen = sorted(r for rows, _, _ in groups for r in rows)
     assert seen == list(range(len(live)))
+    # what the plan's decision reads: the slots a set of rows sees are the filled slots of their distinct blocks
+    for rows in (list(range(len(live))), list(range(0, len(live), 2))):
+        blocks = set().union(*(live[r].blocks for r in rows))
+        assert sum(pool.fill[b] for b in blocks) == len(np.unique(np.concatenate([views[r] for r in rows])))
     for rows, union, cols in groups:
         assert len(np.unique(union)) == len(union)  # each slot once
         for r, c in zip(rows, cols):
@@ -80,7 +84,7 @@ def test_siblings_of_one_prompt_share_one_union():
     kids = [prompt.fork() for _ in range(4)]
     for k in kids:
         k.append_slot()
-    (rows, union, cols), = share_groups([k.slot_view() for k in kids])
+    (rows, union, cols), = share_groups(kids)
     assert rows == [0, 1, 2, 3] and len(union) == 14  # 10 shared slots once, then one own slot per row
     assert np.array_equal(union[:10], prompt.slot_view())
 
@@ -104,9 +108,8 @@ def test_narrow_slots_split_a_prompts_samples_into_their_own_groups():
             for _ in range(10):
                 k.append_slot()
             rows.append(k)
-    views = [k.slot_view() for k in rows]
-    assert [g[0] for g in share_groups(views, ATTN_PER_ROW)] == [[0, 1, 2, 3, 4, 5]]
-    assert [g[0] for g in share_groups(views, attn_per_row(2 * 32))] == [[0, 1, 2], [3, 4, 5]]
+    assert [g[0] for g in share_groups(rows, ATTN_PER_ROW)] == [[0, 1, 2, 3, 4, 5]]
+    assert [g[0] for g in share_groups(rows, attn_per_row(2 * 32))] == [[0, 1, 2], [3, 4, 5]]
 
 
 def _tiny_runner():
