@@ -121,18 +121,25 @@ def _tiny_runner():
     return ModelRunner(Qwen3ForCausalLM(cfg).eval())
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_grouped_decode_equals_per_row_decode(seed):
+def _decode_case(seed: int):
+    """A tiny runner, a pool with arbitrary cached K/V in every slot the tables list, a forest of tables, and
+    each live row's new token and position."""
     runner = _tiny_runner()
     pool = BlockPool(512, block_size=4, num_layers=runner.num_layers, kv_heads=runner.kv_heads,
                      head_dim=runner.head_dim)
-    for kf, vf in zip(pool.k_flat, pool.v_flat):  # arbitrary cached K/V in every slot the tables list
+    for kf, vf in zip(pool.k_flat, pool.v_flat):
         kf[:-4].normal_()
         vf[:-4].normal_()
     live, dead = forest(seed, pool)
     rng = np.random.default_rng(seed)
     toks = rng.integers(0, 97, len(live)).tolist()
     pos = [int(p) for p in rng.integers(0, 200, len(live))]
+    return runner, pool, live, dead, toks, pos, rng
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grouped_decode_equals_per_row_decode(seed):
+    runner, pool, live, dead, toks, pos, _ = _decode_case(seed)
     k0 = [kf.clone() for kf in pool.k_flat]
     per_row = runner.run(pool, runner.prepare_decode(pool, live, toks, pos, share=False))
     before = runner.decode_kv_slots
@@ -155,16 +162,7 @@ def test_grouped_decode_equals_per_row_decode(seed):
 def test_gemm_attention_equals_sdpa_for_decode_and_forced_runs(seed):
     """The CPU's batched-GEMM attention (few queries per KV head) gives SDPA's logits: grouped and per-row decode,
     and a forced run of three tokens per row."""
-    runner = _tiny_runner()
-    pool = BlockPool(512, block_size=4, num_layers=runner.num_layers, kv_heads=runner.kv_heads,
-                     head_dim=runner.head_dim)
-    for kf, vf in zip(pool.k_flat, pool.v_flat):
-        kf[:-4].normal_()
-        vf[:-4].normal_()
-    live, dead = forest(seed, pool)
-    rng = np.random.default_rng(seed)
-    toks = rng.integers(0, 97, len(live)).tolist()
-    pos = [int(p) for p in rng.integers(0, 200, len(live))]
+    runner, pool, live, dead, toks, pos, rng = _decode_case(seed)
     k0 = [kf.clone() for kf in pool.k_flat]
     outs = {}
     for gemm in (True, False):
