@@ -232,6 +232,7 @@ class NPREngine:
             "decode_forwards": self.runner.decode_forwards, "kv_slots_gathered": self.runner.decode_kv_slots,
             "kv_slots_per_decode": self.runner.decode_kv_slots / max(1, self.runner.decode_forwards),
             "paged_decode_forwards": self.runner.paged_forwards,  # of decode_forwards: read the pool in place
+            "gemm_attention_forwards": self.runner.gemm_forwards,  # forwards whose attention ran as two GEMMs
         }
         return rollouts
 

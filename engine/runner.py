@@ -235,11 +235,13 @@ class ModelRunner:
 
     def reset_counters(self) -> None:
         """Zero the decode counters: forwards prepared by :meth:`prepare_decode`, the KV slots their key index
-        gathers (each layer gathers that many K and V rows; padding and repeats included), and the forwards
-        that read the pool in place instead (paged: nothing gathered)."""
+        gathers (each layer gathers that many K and V rows; padding and repeats included), the forwards
+        that read the pool in place instead (paged: nothing gathered), and the forwards (decode or extend) whose
+        attention ran as batched GEMMs (:func:`_gemm_attention`)."""
         self.decode_forwards = 0
         self.decode_kv_slots = 0
         self.paged_forwards = 0
+        self.gemm_forwards = 0
 
     def _use_paged(self, pool, tables) -> bool:
         """Whether this decode step reads the pool in place (see ``decode_attention`` in :class:`NPREngine`)."""
@@ -442,6 +444,7 @@ class ModelRunner:
         if (self.gemm_attention and Bk > 1 and Qm * g <= D and block_mask is None and x.device.type == "cpu"
                 and x.dtype == torch.float32):
             kv_rows = (flat_keys[None, :] * KV + torch.arange(KV, device=x.device)[:, None]).reshape(-1)
+            self.gemm_forwards += 1
         hidden = x.shape[-1]
         for i, L in enumerate(self.layers):
             h = _rms(x, L.ln1, L.e1)

@@ -170,7 +170,10 @@ def test_gemm_attention_equals_sdpa_for_decode_and_forced_runs(seed):
         for share in (True, False):
             for kf, k in zip(pool.k_flat, k0):
                 kf.copy_(k)
-            outs[gemm, share] = runner.run(pool, runner.prepare_decode(pool, live, toks, pos, share=share))
+            inp = runner.prepare_decode(pool, live, toks, pos, share=share)
+            before = runner.gemm_forwards
+            outs[gemm, share] = runner.run(pool, inp)
+            assert runner.gemm_forwards - before == (gemm and inp.key_index.shape[0] > 1)  # the path was taken
     for share in (True, False):
         assert torch.allclose(outs[True, share], outs[False, share], atol=1e-5, rtol=0)
     forced = [rng.integers(0, 97, 3).tolist() for _ in live]
@@ -183,7 +186,9 @@ def test_gemm_attention_equals_sdpa_for_decode_and_forced_runs(seed):
         runner.gemm_attention = gemm
         for kf, k in zip(pool.k_flat, k0):
             kf.copy_(k)
+        before = runner.gemm_forwards
         every[gemm] = runner.run(pool, runner.prepare_extend(pool, live, forced, fpos, every=True))
+        assert runner.gemm_forwards - before == (gemm and len(live) > 1)
     assert every[True].shape == (len(live), 3, 97)
     assert torch.allclose(every[True], every[False], atol=1e-5, rtol=0)
     for t in live + dead:
