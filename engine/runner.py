@@ -124,7 +124,7 @@ def _split(tables, rows: list[int], start: int, out: list, per_row: float) -> No
             i += 1
         k = i
     fill = tables[rows[0]].pool.fill
-    width = sum(fill[b] for b in ref[:k]) + sum(fill[b] for b in set().union(*(tables[r].blocks[k:] for r in rows)))
+    width = sum(fill[b] for b in set().union(*(tables[r].blocks for r in rows)))  # the union's slots
     total = sum(tables[r].n for r in rows)
     by: dict[int, list[int]] = {}
     for r in rows:
@@ -228,7 +228,7 @@ class ModelRunner:
             "default", "linear", "llama3", "yarn")
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.decode_attention = decode_attention
-        self.gemm_attention = gemm_attention  # False: every gathered attention through SDPA (tests, benchmarks)
+        self.gemm_attention = gemm_attention  # False: every gathered attention through SDPA (as before the GEMM path)
         self._paged: PagedDecode | None = None
         self.reset_counters()
         self.bind()
