@@ -18,7 +18,8 @@ of 64, MLP 1664, tied embeddings) over the shipped NPR tokenizer, fp32, ``torch.
 * ``kv_peak_over_ideal``: peak KV bytes held by the pool / KV bytes of (prompt + every token once), the shared
   prefix counted once; the worst over k (also reported per k).
 * ``kv_slots_per_decode`` (per case, in ``detail``): KV slots the engine's decode forwards gather per forward
-  (per layer, K and V each, padding included): a count that does not depend on the machine's load.
+  (per layer, K and V each; whole blocks, padding included; 0 for a lone row read in place): a count that does
+  not depend on the machine's load.
 
 Timing: this machine is shared, and a burst of other work can stretch a run many times over. Every run
 records the duration of each of its steps (the engine's scheduler steps; HF ``generate``'s steps through a

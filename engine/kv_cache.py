@@ -1,8 +1,10 @@
 """Paged KV cache: a pool of fixed-size blocks with refcounts, and one block table per branch.
 
 * A **block** holds ``block_size`` token slots of K and V for every layer. Storage is one tensor per layer
-  and per K/V, ``[num_blocks + 1, block_size, kv_heads, head_dim]``; the extra last block is a scratch area
-  that padded rows write to and padded keys read from (always finite, always masked out).
+  and per K/V, ``[kv_heads, num_blocks + 1, block_size, head_dim]``: KV-head-major, so that one head's slots
+  of one block are contiguous and a gather of whole blocks is a copy of ``block_size * head_dim`` values per
+  row, already laid out ``[kv_heads, rows, keys, head_dim]`` for attention. The extra last block is a scratch
+  area that padded rows write to and padded keys read from (always finite, always masked out).
 * A **block table** is a branch's view of the cache: the blocks it references (one reference each) and the
   flat slot of every token it can see, in serialized order (``block_id * block_size + offset``), kept as a
   growing numpy array so that the runner's gather index is a slice, not a Python loop.
@@ -16,14 +18,18 @@
   recomputed. The half-empty last blocks of the children, and the parent's formerly shared last block, are
   referenced by the parent alone after the join, so the parent's next tokens fill those holes before it
   takes a fresh block: a forked trajectory holds about as many blocks as its tokens need.
-* **Reads**: the runner gathers K/V from the pool by slot (a copy per layer). A decode step gathers each distinct
-  slot that some row of a share group sees once for the group (the shared prefix once, not once per sibling
-  or sample), and each row sees exactly the slots its table lists (see :mod:`engine.runner`).
+* **Reads**: the runner gathers K/V from the pool (a copy per layer): by slot for prefill and forced runs, by
+  whole block for decode steps. A decode step gathers each distinct block that some row of a share group
+  references once for the group (the shared prefix once, not once per sibling or sample). A row sees every
+  filled slot of the blocks it references and nothing else, which is exactly its table's slots (the write
+  rule above; :meth:`engine.paged_attention.PagedDecode.check`), so a block's fill level is its mask.
 * **Release** returns every reference once. Decref'ing a free block, or releasing a table twice, raises
   :class:`KVCacheError`; :meth:`BlockPool.assert_all_free` finds leaks.
 """
 
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 import torch
@@ -50,15 +56,20 @@ class BlockPool:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch_block = num_blocks
         self.scratch_slot = num_blocks * block_size  # first slot of the scratch block
+        self.head_slots = (num_blocks + 1) * block_size  # slots per KV head in storage (scratch included)
         self.refcount = [0] * num_blocks
-        self.fill = [0] * num_blocks  # next free offset in each block
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids are handed out first
+        # next free offset in each block; the scratch block's entry stays 0 (masks read fill[block] for padding)
+        self.fill = np.zeros(num_blocks + 1, dtype=np.int64)
+        # a min-heap: the lowest free id is handed out first, so the used blocks stay packed at the start of the
+        # pool (a paged read spans blocks [0, top)) and a lone request's blocks form one run (read as a view)
+        self._free = list(range(num_blocks))
         self.peak_used = 0
         self._layout = (num_layers, kv_heads, head_dim, dtype, device)
-        self.k: list[torch.Tensor] = []
+        self.k: list[torch.Tensor] = []  # per layer [kv_heads, num_blocks + 1, block_size, head_dim]
         self.v: list[torch.Tensor] = []
-        self.k_flat: list[torch.Tensor] = []
+        self.k_flat: list[torch.Tensor] = []  # per layer the same storage as [kv_heads * slots, head_dim]
         self.v_flat: list[torch.Tensor] = []
         self.has_storage = False
         if allocate:  # else: bookkeeping now, tensors at the first ensure_storage()
@@ -71,12 +82,12 @@ class BlockPool:
         if self.has_storage:
             return
         num_layers, kv_heads, head_dim, dtype, device = self._layout
-        shape = (self.num_blocks + 1, self.block_size, kv_heads, head_dim)
+        shape = (kv_heads, self.num_blocks + 1, self.block_size, head_dim)
         # zeros, not empty: padded keys read the scratch block, and 0 * NaN would poison a masked softmax
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.k_flat = [t.view(-1, kv_heads, head_dim) for t in self.k]
-        self.v_flat = [t.view(-1, kv_heads, head_dim) for t in self.v]
+        self.k_flat = [t.view(-1, head_dim) for t in self.k]
+        self.v_flat = [t.view(-1, head_dim) for t in self.v]
         self.has_storage = True
 
     def release_storage(self) -> None:
@@ -99,7 +110,7 @@ class BlockPool:
     def allocate(self) -> int:
         if not self._free:
             raise PoolExhausted(f"all {self.num_blocks} KV blocks are in use")
-        bid = self._free.pop()
+        bid = heapq.heappop(self._free)
         self.refcount[bid] = 1
         self.fill[bid] = 0
         used = self.num_blocks - len(self._free)
@@ -118,7 +129,7 @@ class BlockPool:
             raise KVCacheError(f"double free: block {bid} is already free")
         self.refcount[bid] = rc - 1
         if rc == 1:
-            self._free.append(bid)
+            heapq.heappush(self._free, bid)
 
     def reset_peak(self) -> None:
         self.peak_used = self.num_used
@@ -182,7 +193,7 @@ class BlockTable:
             bid = pool.allocate()
             self.blocks.append(bid)
             self._write.append(bid)
-        off = pool.fill[bid]
+        off = int(pool.fill[bid])
         pool.fill[bid] = off + 1
         slot = bid * pool.block_size + off
         if self.n == len(self.slots):

@@ -73,7 +73,7 @@ class PagedDecode:
                 mask, n_slots = self.plan(pool, tables)
                 q = torch.zeros((2, 2, 1, 8), device=self.device)
                 with torch.inference_mode():
-                    self.attend(q, pool.k_flat[0], pool.v_flat[0], mask, n_slots, 1.0)
+                    self.attend(q, pool.k[0], pool.v[0], mask, n_slots, 1.0)
             except Exception as e:  # noqa: BLE001  (no compiler, an unsupported device: say why, fall back)
                 _FAILED = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                 log.warning("NPREngine: paged decode attention (compiled FlexAttention) is unavailable on %s (%s); "
@@ -115,13 +115,14 @@ class PagedDecode:
             BLOCK_SIZE=(Q_TILE, bs), mask_mod=filled, seq_lengths=(1, top * bs), compute_q_blocks=False)
         return mask, top * bs
 
-    def attend(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, mask, n_slots: int,
+    def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, mask, n_slots: int,
                scale: float) -> torch.Tensor:
-        """``q`` ``[B, H, 1, D]`` against the pool's first ``n_slots`` slots of one layer (``[slots, KV, D]``,
-        read in place: a strided view, broadcast over the rows); returns ``[B, H, 1, D]``."""
+        """``q`` ``[B, H, 1, D]`` against the pool's first ``n_slots`` slots of one layer (its storage
+        ``[KV, blocks, block_size, D]``, read in place: a view, broadcast over the rows); returns ``[B, H, 1, D]``."""
         B, H = q.shape[0], q.shape[1]
-        k = k_flat[:n_slots].transpose(0, 1).unsqueeze(0).expand(B, -1, -1, -1)
-        v = v_flat[:n_slots].transpose(0, 1).unsqueeze(0).expand(B, -1, -1, -1)
+        KV, D = k_pool.shape[0], k_pool.shape[-1]
+        k = k_pool.view(KV, -1, D)[:, :n_slots].unsqueeze(0).expand(B, -1, -1, -1)
+        v = v_pool.view(KV, -1, D)[:, :n_slots].unsqueeze(0).expand(B, -1, -1, -1)
         return _flex()(q, k, v, mask, scale, k.shape[1] != H)
 
     # -- invariants (tests) ------------------------------------------------------------------------------------

@@ -3,32 +3,37 @@
 The runner does not call the HF model's forward. It reads the live module's parameters (embedding, per layer
 ``input_layernorm``, ``q/k/v/o_proj``, ``q_norm/k_norm`` when present (Qwen3), ``post_attention_layernorm``,
 the gated MLP, the final norm and ``lm_head``), and the module's own ``rotary_emb`` for cos/sin, and applies
-them with the same arithmetic as HF: RMSNorm in fp32, RoPE by ``rotate_half``, softmax attention with scale
-``head_dim ** -0.5``. Keys are written to the cache already rotated, at the positions the graph gave.
+them with the same arithmetic as HF: RMSNorm in fp32, RoPE by ``rotate_half`` (bit for bit), softmax attention
+with scale ``head_dim ** -0.5``. Keys are written to the cache already rotated, at the positions the graph gave.
 
 Because it holds references to the module's parameter tensors, never copies (re-read by
 :meth:`ModelRunner.bind` at every ``generate``), a trainer that updates the module in place (optimizer steps,
 fused or not, ``load_state_dict``) is seen by the next rollout with nothing to synchronise.
 
 One call (:meth:`ModelRunner.forward`) runs ``B`` rows of ``Q`` new tokens each (decode: ``Q == 1``; prefill
-or forced chunks: ``Q > 1``, right-padded). The linear layers (QKV, O, MLP) run on the packed rows. Attention
-reads K/V through a gather from the pool (``index_select`` per layer: a copy, not a view):
+or forced chunks: ``Q > 1``, right-padded). The linear layers (QKV, O, MLP) run on the packed rows. The pool is
+KV-head-major (:mod:`engine.kv_cache`), and attention reads K/V through a gather from it (``index_select`` per
+layer: a copy, not a view), already laid out ``[KV, rows, keys, D]``:
 
 * prefill and forced runs (:meth:`ModelRunner.prepare_extend`): each row gathers its own table's slots
   (``key_index [B, Lk]``), with an additive float bias for padding and causality;
-* decode (:meth:`ModelRunner.prepare_decode`): rows are put in *share groups* (:func:`share_groups`: the samples
-  of one prompt, the siblings of one request), and each group gathers the union of its rows' visible slots,
-  each slot once (``key_index [G, Lu]``): a slot shared by k rows is copied once per step and per layer, not k
-  times. The group's queries are scattered into ``[G, Qmax]`` for attention only, each row masked by a 0 / -inf
-  bias to exactly the slots its own block table lists, and gathered back. When grouping would gather no fewer
-  slots (independent prompts: one row per group), the decode step is the per-row gather, as for extends.
-  A gather of each distinct visible slot remains, once per group and per step; so do the padding slots
-  (scratch) of groups shorter than the longest.
+* decode (:meth:`ModelRunner.prepare_decode`) gathers whole blocks, ``block_size`` keys per gathered row: a row
+  sees every filled slot of the blocks its table references and nothing else (the pool's write rule), so the
+  block table is the key index and each block's fill level its mask. Rows are put in *share groups*
+  (:func:`share_groups`: the samples of one prompt, the siblings of one request), and each group gathers the
+  union of its rows' blocks, each block once (``key_index [G, NBu]``): a block shared by k rows is copied once
+  per step and per layer, not k times. The group's queries are scattered into ``[G, Qmax]`` for attention
+  only, each row masked by a 0 / -inf bias to the filled slots of its own blocks, and gathered back. When
+  grouping would gather no fewer blocks (independent prompts: one row per group), each row gathers its own.
+  A lone decode row whose slots are one run of the pool (the pool hands out its lowest free block first)
+  reads them as a view: nothing is copied.
+  A gather of each distinct visible block remains, once per group and per step; so do the unfilled tails of
+  partial blocks and the padding (scratch) of groups shorter than the longest, all masked.
 
 GQA is handled by folding the query heads of one KV group into the query-length axis, so K/V are never repeated.
-On the CPU, attention with few queries per KV head (decode, short forced runs) runs as two batched GEMMs over a
-KV-head-major gather (:func:`_gemm_attention`), the rest through SDPA.
-The runner counts what its decode forwards gather (:attr:`ModelRunner.decode_kv_slots`).
+On the CPU, attention with few queries per KV head (decode, short forced runs) runs as two batched GEMMs over the
+gathered K/V (:func:`_gemm_attention`), the rest through SDPA. The runner counts what its decode forwards gather
+(:attr:`ModelRunner.decode_kv_slots`: slots, whole blocks counted whole).
 
 The scheduler reserves the KV slots of the new tokens in each row's block table; :meth:`ModelRunner.prepare_decode`
 (one token per row) and :meth:`ModelRunner.prepare_extend` (several: a prefill chunk, a forced run) turn those
@@ -40,6 +45,7 @@ Supported families: Qwen3, Qwen2 and Llama (full attention; sliding windows are 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -58,12 +64,14 @@ class StepInput:
     input_ids: torch.Tensor  # [B, Q]
     positions: torch.Tensor  # [B, Q]
     write_slots: torch.Tensor  # [B * Q]
-    key_index: torch.Tensor  # [B, Lk]
+    key_index: torch.Tensor  # [B, Lk] slots, or [B, Lk / block_size] blocks with key_blocks
     attn_bias: torch.Tensor | None  # [B, 1, Q, Lk] or None
     out_index: torch.Tensor | None = None  # [B] or [B, K]
     q_index: torch.Tensor | None = None  # [B]: a decode row's place in the [G * Qmax] share-group queries
     block_mask: object | None = None  # paged decode (engine.paged_attention): the step's BlockMask ...
     n_slots: int = 0  # ... over the pool's first n_slots slots (key_index is then empty)
+    key_blocks: bool = False  # key_index lists whole blocks (decode), each gathered as block_size keys
+    key_run: int = -1  # one decode row whose slots are the run [key_run, key_run + Lk): read in place, no gather
 
 
 DECODE_ATTENTION = ("auto", "paged", "gather")  # "auto": paged on CUDA, gather on the CPU (see NPREngine)
@@ -86,20 +94,22 @@ def attn_per_row(kv_width: int) -> float:
 
 
 def share_groups(tables: list, per_row: float = ATTN_PER_ROW
-                 ) -> list[tuple[list[int], np.ndarray, list[np.ndarray]]]:
+                 ) -> list[tuple[list[int], list[int], list[np.ndarray]]]:
     """Group decode rows by the KV blocks their tables share. ``tables[r]``: row ``r``'s
     :class:`~engine.kv_cache.BlockTable`.
 
-    Returns ``(rows, union, cols)`` per group: ``union`` holds each slot that a row of the group sees, once (the
-    rows' common prefix first, in order, then the other slots, sorted); ``cols[j]`` are the columns of ``union``
-    that row ``rows[j]`` sees: exactly the slots its own table lists. Rows start in one group per first block
-    (the samples of one prompt share it); a group too sparse for its union to pay (``per_row``: scoring a slot
-    for one more row over copying it, :func:`attn_per_row`) is split by the first block after the blocks all its
-    rows share (a request's siblings share their parent's blocks), down to single rows.
+    Returns ``(rows, union, cols)`` per group: ``union`` holds each block that a row of the group references,
+    once (the blocks all its rows share first, in order, then the others in order of first reference);
+    ``cols[j]`` are the positions in ``union`` of the blocks of row ``rows[j]``. A row sees every filled slot of
+    the blocks it references and nothing else (the pool's write rule, :meth:`engine.paged_attention.PagedDecode.check`),
+    which is exactly the slots its own table lists, so a group's plan is its blocks.
 
-    The decision reads blocks, not slots: a row sees every filled slot of the blocks it references (the pool's
-    write rule, :meth:`engine.paged_attention.PagedDecode.check`), so a group's union holds the filled slots of
-    its distinct blocks. Slots are read only to build a group that pays."""
+    Rows start in one group per first block (the samples of one prompt share it). A group pays when gathering
+    its union once and scoring every union slot for every row costs no more than each row gathering and scoring
+    its own blocks: ``|union| * (1 + per_row * rows) <= sum(|blocks_r|) * (1 + per_row)`` (``per_row``: scoring a
+    slot for one more row over copying it, :func:`attn_per_row`). A group that does not pay is split by the
+    first block after the blocks all its rows share (a request's siblings share their parent's blocks), down to
+    single rows."""
     first: dict[int, list[int]] = {}
     for r, t in enumerate(tables):
         first.setdefault(t.blocks[0], []).append(r)
@@ -111,11 +121,10 @@ def share_groups(tables: list, per_row: float = ATTN_PER_ROW
 
 def _split(tables, rows: list[int], start: int, out: list, per_row: float) -> None:
     """``rows`` share (at least) their first ``start`` blocks."""
-    if len(rows) == 1:
-        view = tables[rows[0]].slot_view()
-        out.append((rows, view, [np.arange(len(view))]))
-        return
     ref = tables[rows[0]].blocks
+    if len(rows) == 1:
+        out.append((rows, list(ref), [np.arange(len(ref))]))
+        return
     k = len(ref)  # the blocks every row shares
     for r in rows[1:]:
         blocks = tables[r].blocks
@@ -123,36 +132,19 @@ def _split(tables, rows: list[int], start: int, out: list, per_row: float) -> No
         while i < m and blocks[i] == ref[i]:
             i += 1
         k = i
-    fill = tables[rows[0]].pool.fill
-    width = sum(fill[b] for b in set().union(*(tables[r].blocks for r in rows)))  # the union's slots
-    total = sum(tables[r].n for r in rows)
+    union = dict.fromkeys(chain(ref[:k], *(tables[r].blocks[k:] for r in rows)))
+    total = sum(len(tables[r].blocks) for r in rows)
     by: dict[int, list[int]] = {}
     for r in rows:
         blocks = tables[r].blocks
         by.setdefault(blocks[k] if len(blocks) > k else -1, []).append(r)
-    if width * (1 + per_row * len(rows)) <= total * (1 + per_row) or len(by) == 1:
-        out.append(_union(tables, rows))
+    if len(union) * (1 + per_row * len(rows)) <= total * (1 + per_row) or len(by) == 1:
+        at = {b: i for i, b in enumerate(union)}
+        out.append((rows, list(union), [np.fromiter((at[b] for b in tables[r].blocks), np.int64,
+                                                    len(tables[r].blocks)) for r in rows]))
         return
     for sub in by.values():
         _split(tables, sub, k, out, per_row)
-
-
-def _union(tables, rows: list[int]) -> tuple[list[int], np.ndarray, list[np.ndarray]]:
-    """One share group: the rows' common slot prefix in order, then the other slots they see, sorted."""
-    views = [tables[r].slot_view() for r in rows]
-    ref = views[0]
-    p = len(ref)
-    for v in views[1:]:
-        m = min(p, len(v))
-        neq = np.flatnonzero(v[:m] != ref[:m])
-        p = int(neq[0]) if len(neq) else m
-    rests = [v[p:] for v in views]
-    uniq, inv = np.unique(np.concatenate(rests), return_inverse=True)
-    prefix, cols, a = np.arange(p), [], 0
-    for x in rests:
-        cols.append(np.concatenate([prefix, p + inv[a:a + len(x)]]))
-        a += len(x)
-    return rows, np.concatenate([ref[:p], uniq]), cols
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -164,29 +156,32 @@ def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tens
     return h if weight is None else weight * h
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF's ``x * cos + rotate_half(x) * sin``, bit for bit, in fewer ops: ``rotate_half(x)`` is ``roll(x, D / 2)``
+    with its first half negated, and the sign is folded into ``signed_sin`` (:func:`_signed_sin`) once per
+    forward instead of once per layer and tensor."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def _bias(linear):
     return linear.bias if getattr(linear, "bias", None) is not None else None
 
 
-def _gemm_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, rows: torch.Tensor,
-                    bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+def _gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
     """Softmax attention as two batched GEMMs, for few queries per row on the CPU (decode, short forced runs).
 
-    ``q`` ``[Bk, Qm, KV, g, D]``; ``rows`` indexes the pool's ``[slots * KV, D]`` view KV-head-major (all of head
-    0's key rows, then head 1's), so the gathered K/V are ``[KV, Bk, Lk, D]`` and contiguous: every GEMM runs on
-    plain strides. The CPU's fused SDPA kernel splits its work by (row, head, query block), which for one or two
-    queries per head leaves each task too small (~2x slower at 64 decode rows). ``bias`` is ``[Bk, 1, Qm * g or
-    1, Lk]``. The scores, ``[KV, Bk, Qm * g, Lk]``, are ``Qm * g / D`` of the gathered keys' size. Returns
-    ``[Bk * Qm, KV * g * D]``."""
+    ``q`` ``[Bk, Qm, KV, g, D]``; ``k``, ``v`` the gathered keys and values, ``[KV, Bk, Lk, D]`` and contiguous
+    (the pool is KV-head-major), so every GEMM runs on plain strides. The CPU's fused SDPA kernel splits its
+    work by (row, head, query block), which for one or two queries per head leaves each task too small (~2x
+    slower at 64 decode rows). ``bias`` is ``[Bk, 1, Qm * g or 1, Lk]``. The scores, ``[KV, Bk, Qm * g, Lk]``,
+    are ``Qm * g / D`` of the gathered keys' size. Returns ``[Bk * Qm, KV * g * D]``."""
     Bk, Qm, KV, g, D = q.shape
-    k = k_flat.view(-1, D).index_select(0, rows).view(KV, Bk, -1, D)
-    v = v_flat.view(-1, D).index_select(0, rows).view(KV, Bk, -1, D)
     s = torch.matmul(q.permute(2, 0, 1, 3, 4).reshape(KV, Bk, Qm * g, D), k.transpose(-1, -2)).mul_(scale)
     if bias is not None:
         s.add_(bias.view(1, Bk, bias.shape[2], bias.shape[3]))
@@ -279,16 +274,16 @@ class ModelRunner:
     def prepare_decode(self, pool, tables, tokens: list[int], positions: list[int], share: bool = True) -> StepInput:
         """One new token per row; each table already holds its slot (the last one).
 
-        Rows whose tables share slots (the samples of one prompt, the sibling branches of one request) are put
-        in one *share group* (:func:`share_groups`): the group's key index is the union of its rows' visible
-        slots, each slot once, and each row's view of it an additive bias (0 / -inf) built from its own table.
-        The grouped plan is used only when it gathers fewer slots than one key row per table (``B x Lmax``);
-        otherwise (independent prompts, one row per group), or with ``share=False``, the step is the per-row one:
-        each row gathers its own table's slots."""
+        A single row gathers its table's slots. Several rows gather whole blocks (``key_blocks``): a row sees
+        every filled slot of the blocks it references and nothing else (the pool's write rule), so its mask is
+        each block's fill level, and the copy is ``block_size`` keys per gathered row instead of one. Rows whose
+        tables share blocks (the samples of one prompt, the sibling branches of one request) are put in one
+        *share group* (:func:`share_groups`): the group's key index is the union of its rows' blocks, each block
+        once, and each row's view of it an additive bias (0 / -inf) from its own blocks. The grouped plan is
+        used only when it gathers fewer blocks than one key row per table (``B x max blocks``); otherwise
+        (independent prompts, one row per group), or with ``share=False``, each row gathers its own blocks."""
         dev = self.device
         B = len(tables)
-        lens = [t.n for t in tables]
-        L = max(lens)
         slots = [int(t.slots[t.n - 1]) for t in tables]
         ids = torch.tensor(tokens, device=dev).view(B, 1)
         pos = torch.tensor(positions, device=dev).view(B, 1)
@@ -299,12 +294,24 @@ class ModelRunner:
             self.paged_forwards += 1
             return StepInput(ids, pos, write, torch.empty((B, 0), dtype=torch.int64, device=dev), None,
                              block_mask=mask, n_slots=n_slots)
-        groups = share_groups(tables, self.attn_per_row) if share and B > 1 else None
+        self.decode_forwards += 1
+        if B == 1:  # its own slots: nothing to mask, and when they are one run of the pool, nothing to copy
+            L = tables[0].n
+            s = tables[0].slots[:L]
+            lo = int(s.min())
+            if int(s.max()) - lo == L - 1:  # L distinct slots spanning L: exactly [lo, lo + L)
+                return StepInput(ids, pos, write, torch.empty((1, L), dtype=torch.int64, device=dev), None,
+                                 key_run=lo)
+            self.decode_kv_slots += L
+            return StepInput(ids, pos, write, torch.from_numpy(s).view(1, L).to(dev), None)
+        bs, fill = pool.block_size, pool.fill
+        NB = max(len(t.blocks) for t in tables)
+        groups = share_groups(tables, self.attn_per_row) if share else None
         if groups is not None and len(groups) < B:
-            G, Qm, Lu = len(groups), max(len(g[0]) for g in groups), max(len(g[1]) for g in groups)
-            if G * Lu < B * L:
-                idx = np.full((G, Lu), pool.scratch_slot, dtype=np.int64)
-                vis = np.zeros((G, Qm, Lu), dtype=bool)
+            G, Qm, NBu = len(groups), max(len(g[0]) for g in groups), max(len(g[1]) for g in groups)
+            if G * NBu < B * NB:
+                idx = np.full((G, NBu), pool.scratch_block, dtype=np.int64)
+                vis = np.zeros((G, Qm, NBu), dtype=bool)
                 q_index = np.empty(B, dtype=np.int64)
                 for gi, (rows, union, cols) in enumerate(groups):
                     idx[gi, :len(union)] = union
@@ -312,27 +319,22 @@ class ModelRunner:
                         vis[gi, j, c] = True
                         q_index[r] = gi * Qm + j
                     vis[gi, len(rows):, :] = True  # padding queries: any finite row (their output is dropped)
-                bias = torch.zeros((G, 1, Qm, Lu), dtype=self.dtype, device=dev)
-                bias.masked_fill_(~torch.from_numpy(vis).to(dev).view(G, 1, Qm, Lu), NEG_INF)
-                self.decode_forwards += 1
-                self.decode_kv_slots += idx.size
-                return StepInput(ids, pos, write, torch.from_numpy(idx).to(dev), bias,
-                                 q_index=torch.from_numpy(q_index).to(dev))
-        if B == 1:
-            keys = torch.from_numpy(tables[0].slots[:L]).view(1, L)
-        else:
-            idx = np.full((B, L), pool.scratch_slot, dtype=np.int64)
-            for i, t in enumerate(tables):
-                idx[i, :lens[i]] = t.slots[:lens[i]]
-            keys = torch.from_numpy(idx)
-        bias = None
-        if min(lens) != L:  # rows of different lengths: mask each row's padding
-            pad = torch.arange(L, device=dev)[None, :] >= torch.tensor(lens, device=dev)[:, None]
-            bias = torch.zeros((B, 1, 1, L), dtype=self.dtype, device=dev)
-            bias.masked_fill_(pad.view(B, 1, 1, L), NEG_INF)
-        self.decode_forwards += 1
-        self.decode_kv_slots += keys.numel()
-        return StepInput(ids, pos, write, keys.to(dev), bias)
+                seen = vis[:, :, :, None] & (np.arange(bs) < fill[idx][:, None, :, None])
+                self.decode_kv_slots += idx.size * bs
+                return StepInput(ids, pos, write, torch.from_numpy(idx).to(dev), self._mask(seen, (G, 1, Qm, -1)),
+                                 q_index=torch.from_numpy(q_index).to(dev), key_blocks=True)
+        idx = np.full((B, NB), pool.scratch_block, dtype=np.int64)
+        for i, t in enumerate(tables):
+            idx[i, :len(t.blocks)] = t.blocks
+        seen = np.arange(bs) < fill[idx][:, :, None]
+        self.decode_kv_slots += idx.size * bs
+        return StepInput(ids, pos, write, torch.from_numpy(idx).to(dev), self._mask(seen, (B, 1, 1, -1)),
+                         key_blocks=True)
+
+    def _mask(self, seen: np.ndarray, shape: tuple) -> torch.Tensor:
+        """An additive bias (0 where ``seen``, -inf elsewhere) of ``shape`` in the model's dtype."""
+        bias = torch.zeros(seen.shape, dtype=self.dtype, device=self.device)
+        return bias.masked_fill_(~torch.from_numpy(seen).to(self.device), NEG_INF).view(shape)
 
     def prepare_extend(self, pool, tables, tokens: list[list[int]], positions: list[list[int]],
                        every: bool = False) -> StepInput:
@@ -366,7 +368,7 @@ class ModelRunner:
 
     def run(self, pool, inp: StepInput) -> torch.Tensor:
         return self.forward(pool, inp.input_ids, inp.positions, inp.write_slots, inp.key_index, inp.attn_bias,
-                            inp.out_index, inp.q_index, inp.block_mask, inp.n_slots)
+                            inp.out_index, inp.q_index, inp.block_mask, inp.n_slots, inp.key_blocks, inp.key_run)
 
     def bind(self) -> None:
         """(Re)read references to the live module's parameters; called at the start of every generate."""
@@ -414,7 +416,7 @@ class ModelRunner:
     def forward(self, pool, input_ids: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
                 key_index: torch.Tensor, attn_bias: torch.Tensor | None,
                 out_index: torch.Tensor | None = None, q_index: torch.Tensor | None = None,
-                block_mask=None, n_slots: int = 0) -> torch.Tensor:
+                block_mask=None, n_slots: int = 0, key_blocks: bool = False, key_run: int = -1) -> torch.Tensor:
         """Run ``B`` rows of ``Q`` new tokens; return logits ``[B, V]`` at query ``out_index[b]`` (default: last),
         or ``[B, K, V]`` at queries ``out_index[b, :]`` when it is ``[B, K]``.
 
@@ -423,27 +425,34 @@ class ModelRunner:
         new tokens included. attn_bias: ``[B, 1, Q, Lk]`` additive float (0 / -inf), or None when no row
         needs masking (decode rows of equal length).
 
-        Share-group decode (``Q == 1``, ``q_index`` given): key_index is ``[G, Lk]``, one union of slots per
+        Share-group decode (``Q == 1``, ``q_index`` given): key_index is ``[G, Lk]``, one union of keys per
         group, attn_bias ``[G, 1, Qmax, Lk]`` (query ``j`` of group ``i``: what its row sees), and
         ``q_index[b] = i * Qmax + j`` places row ``b``; the output is back in row order.
+
+        With ``key_blocks``, key_index lists pool blocks (``[Bk, Lk / block_size]``), each gathered whole. With
+        ``key_run >= 0`` (one row), its keys are the pool's slots ``[key_run, key_run + Lk)``, read as a view.
 
         Paged decode (``Q == 1``, ``block_mask`` given, :mod:`engine.paged_attention`): attention reads the
         pool's first ``n_slots`` slots in place, each row the blocks its table lists; key_index is unused.
         """
         B, Q = input_ids.shape
         H, KV, D, g = self.num_heads, self.kv_heads, self.head_dim, self.group
-        Bk, Lk = key_index.shape  # Bk: B, or G share groups of Qm queries (decode with q_index)
+        Bk = key_index.shape[0]  # B, or G share groups of Qm queries (decode with q_index)
+        unit = pool.block_size if key_blocks else 1  # keys per gathered row of each head
+        Lk = key_index.shape[1] * unit
         Qm = attn_bias.shape[2] if q_index is not None else Q
+        heads = torch.arange(KV, device=input_ids.device)[:, None]
+        # the storage is [KV, slots, D]: head h's copy of slot s (block b) is row h * slots + s (h * blocks + b)
+        write_rows = (write_slots[None, :] + pool.head_slots * heads).reshape(-1)
+        kv_rows = (key_index.reshape(-1)[None, :] + (pool.head_slots // unit) * heads).reshape(-1) if key_run < 0 else None
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary_cos_sin(x, positions)
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, Q, 1, D]: broadcast over heads
+        cos, sin = cos.unsqueeze(2), _signed_sin(sin).unsqueeze(2)  # [B, Q, 1, D]: broadcast over heads
         if attn_bias is not None and Qm > 1 and g > 1:  # query row q*g + j is head j of query q
             attn_bias = attn_bias.repeat_interleave(g, dim=2)
-        flat_keys = key_index.reshape(-1)
-        kv_rows = None  # batched-GEMM attention (see _gemm_attention): K/V rows to gather, KV-head-major
-        if (self.gemm_attention and Bk > 1 and Qm * g <= D and block_mask is None and x.device.type == "cpu"
-                and x.dtype == torch.float32):
-            kv_rows = (flat_keys[None, :] * KV + torch.arange(KV, device=x.device)[:, None]).reshape(-1)
+        gemm = (self.gemm_attention and Bk > 1 and Qm * g <= D and block_mask is None and x.device.type == "cpu"
+                and x.dtype == torch.float32)  # batched-GEMM attention (see _gemm_attention)
+        if gemm:
             self.gemm_forwards += 1
         hidden = x.shape[-1]
         for i, L in enumerate(self.layers):
@@ -455,20 +464,25 @@ class ModelRunner:
                 q, k = _rms(q, L.q_norm, L.q_eps), _rms(k, L.k_norm, L.k_eps)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kf, vf = pool.k_flat[i], pool.v_flat[i]
-            kf.index_copy_(0, write_slots, k.flatten(0, 1))
-            vf.index_copy_(0, write_slots, v.flatten(0, 1))
+            kf.index_copy_(0, write_rows, k.flatten(0, 1).transpose(0, 1).reshape(-1, D))
+            vf.index_copy_(0, write_rows, v.flatten(0, 1).transpose(0, 1).reshape(-1, D))
             if block_mask is not None:  # paged decode: the pool read in place
-                o = self._paged.attend(q.transpose(1, 2), kf, vf, block_mask, n_slots, self.scale)
+                o = self._paged.attend(q.transpose(1, 2), pool.k[i], pool.v[i], block_mask, n_slots, self.scale)
                 o = o.reshape(B * Q, H * D)
             else:
                 if q_index is not None:  # scatter the rows' queries into their groups (padding queries: zeros)
                     q = q.new_zeros((Bk * Qm, H, D)).index_copy_(0, q_index, q.view(B, H, D))
                 q = q.reshape(Bk, Qm, KV, g, D)
-                if kv_rows is not None:
-                    o = _gemm_attention(q, kf, vf, kv_rows, attn_bias, self.scale)
+                if key_run >= 0:
+                    keys = kf.view(KV, -1, D)[:, None, key_run:key_run + Lk]
+                    vals = vf.view(KV, -1, D)[:, None, key_run:key_run + Lk]
                 else:
-                    keys = kf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)  # [Bk, KV, Lk, D]
-                    vals = vf.index_select(0, flat_keys).view(Bk, Lk, KV, D).transpose(1, 2)
+                    keys = kf.view(-1, unit * D).index_select(0, kv_rows).view(KV, Bk, Lk, D)
+                    vals = vf.view(-1, unit * D).index_select(0, kv_rows).view(KV, Bk, Lk, D)
+                if gemm:
+                    o = _gemm_attention(q, keys, vals, attn_bias, self.scale)
+                else:
+                    keys, vals = keys.transpose(0, 1), vals.transpose(0, 1)  # [Bk, KV, Lk, D]
                     qg = q.permute(0, 2, 1, 3, 4).reshape(Bk, KV, Qm * g, D)
                     o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=attn_bias, scale=self.scale)
                     o = o.view(Bk, KV, Qm, g, D).permute(0, 2, 1, 3, 4).reshape(Bk * Qm, H * D)

@@ -119,7 +119,7 @@ def test_storage_shapes_and_scratch_block():
     import torch
 
     pool = BlockPool(3, block_size=4, num_layers=2, kv_heads=2, head_dim=8)
-    assert pool.k[0].shape == (4, 4, 2, 8) and pool.k_flat[1].shape == (16, 2, 8)
+    assert pool.k[0].shape == (2, 4, 4, 8) and pool.k_flat[1].shape == (32, 8) and pool.head_slots == 16
     assert pool.scratch_slot == 12 and torch.count_nonzero(pool.v[1]) == 0
     assert pool.bytes_per_block == 2 * 2 * 4 * 2 * 8 * 4
 

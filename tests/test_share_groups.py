@@ -49,6 +49,12 @@ def forest(seed: int, pool: BlockPool) -> list[BlockTable]:
     return live, dead
 
 
+def filled_slots(pool: BlockPool, blocks) -> np.ndarray:
+    """The filled slots of ``blocks``: what a decode row that references them sees."""
+    bs = pool.block_size
+    return np.array(sorted(b * bs + o for b in blocks for o in range(pool.fill[b])), dtype=np.int64)
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_each_row_sees_exactly_its_own_slots(seed):
     pool = BlockPool(512, block_size=4)
@@ -57,18 +63,19 @@ def test_each_row_sees_exactly_its_own_slots(seed):
     groups = share_groups(live)
     seen = sorted(r for rows, _, _ in groups for r in rows)
     assert seen == list(range(len(live)))
-    # what the plan's decision reads: the slots a set of rows sees are the filled slots of their distinct blocks
-    for rows in (list(range(len(live))), list(range(0, len(live), 2))):
-        blocks = set().union(*(live[r].blocks for r in rows))
-        assert sum(pool.fill[b] for b in blocks) == len(np.unique(np.concatenate([views[r] for r in rows])))
+    # the rule the block plan relies on: a row's slots are the filled slots of the blocks it references
+    for t, view in zip(live, views):
+        assert np.array_equal(filled_slots(pool, t.blocks), np.sort(view))
     for rows, union, cols in groups:
-        assert len(np.unique(union)) == len(union)  # each slot once
+        assert len(set(union)) == len(union)  # each block once
         for r, c in zip(rows, cols):
             assert len(np.unique(c)) == len(c)
-            assert np.array_equal(np.sort(union[c]), np.sort(views[r]))
-            # the common prefix keeps its order: it is the start of every row's view
-            n_pre = next((i for i in range(len(union)) if any(i >= len(views[x]) or views[x][i] != union[i]
-                                                              for x in rows)), len(union))
+            assert [union[j] for j in c] == live[r].blocks
+            assert np.array_equal(filled_slots(pool, [union[j] for j in c]), np.sort(views[r]))
+        # the blocks every row shares come first, in order
+        n_pre = next((i for i in range(len(union)) if any(i >= len(live[x].blocks) or live[x].blocks[i] != union[i]
+                                                          for x in rows)), len(union))
+        for c in cols:
             assert np.array_equal(c[:n_pre], np.arange(n_pre))
     for t in live + dead:
         if not t.released:
@@ -85,8 +92,9 @@ def test_siblings_of_one_prompt_share_one_union():
     for k in kids:
         k.append_slot()
     (rows, union, cols), = share_groups(kids)
-    assert rows == [0, 1, 2, 3] and len(union) == 14  # 10 shared slots once, then one own slot per row
-    assert np.array_equal(union[:10], prompt.slot_view())
+    # the prompt's 3 blocks once (its half-full last one is shared, read-only), then one own block per row
+    assert rows == [0, 1, 2, 3] and len(union) == 7 and union[:3] == prompt.blocks
+    assert len(filled_slots(pool, union)) == 14
 
 
 def test_narrow_slots_split_a_prompts_samples_into_their_own_groups():
@@ -127,9 +135,9 @@ def _decode_case(seed: int):
     runner = _tiny_runner()
     pool = BlockPool(512, block_size=4, num_layers=runner.num_layers, kv_heads=runner.kv_heads,
                      head_dim=runner.head_dim)
-    for kf, vf in zip(pool.k_flat, pool.v_flat):
-        kf[:-4].normal_()
-        vf[:-4].normal_()
+    for k, v in zip(pool.k, pool.v):
+        k[:, :-1].normal_()  # every block but the scratch one
+        v[:, :-1].normal_()
     live, dead = forest(seed, pool)
     rng = np.random.default_rng(seed)
     toks = rng.integers(0, 97, len(live)).tolist()
@@ -194,3 +202,57 @@ def test_gemm_attention_equals_sdpa_for_decode_and_forced_runs(seed):
     for t in live + dead:
         if not t.released:
             t.release()
+
+
+@pytest.mark.parametrize("seed", [0, 2, 5])
+def test_block_gather_equals_each_row_decoded_alone(seed):
+    """A batch's decode gathers whole blocks and masks them by fill level; one row alone gathers exactly its
+    table's slots. Both give the same logits, so the mask is the table."""
+    runner, pool, live, dead, toks, pos, _ = _decode_case(seed)
+    k0 = [k.clone() for k in pool.k]
+    batched = runner.run(pool, runner.prepare_decode(pool, live, toks, pos, share=False))
+    for r, t in enumerate(live):
+        for k, k_ in zip(pool.k, k0):
+            k.copy_(k_)
+        inp = runner.prepare_decode(pool, [t], [toks[r]], [pos[r]])
+        assert not inp.key_blocks and inp.key_index.shape[1] == t.n
+        assert torch.allclose(runner.run(pool, inp)[0], batched[r], atol=1e-5, rtol=0)
+    for t in live + dead:
+        if not t.released:
+            t.release()
+
+
+def test_a_lone_row_in_one_run_of_the_pool_is_read_in_place():
+    """A lone decode row whose slots are one run of the pool (a fresh pool hands out the lowest block first)
+    reads K/V as a view; its logits equal those of gathering the same slots, and nothing is counted as gathered."""
+    from dataclasses import replace
+
+    runner = _tiny_runner()
+    pool = BlockPool(64, block_size=4, num_layers=runner.num_layers, kv_heads=runner.kv_heads,
+                     head_dim=runner.head_dim)
+    for k, v in zip(pool.k, pool.v):
+        k[:, :-1].normal_()
+        v[:, :-1].normal_()
+    other, t = BlockTable(pool), BlockTable(pool)
+    other.append_slot()  # block 0 taken: the row's run starts at block 1
+    for _ in range(11):
+        t.append_slot()
+    assert t.blocks == [1, 2, 3]
+    before = runner.decode_kv_slots
+    inp = runner.prepare_decode(pool, [t], [5], [11])
+    assert inp.key_run == 4 and runner.decode_kv_slots == before
+    gathered = replace(inp, key_run=-1, key_index=torch.from_numpy(t.slot_view().copy()).view(1, -1))
+    assert torch.equal(runner.run(pool, inp), runner.run(pool, gathered))
+    t.release()
+    other.release()
+    holey = BlockTable(pool)  # blocks 0 and 2 (block 1 is another table's): not one run, gathered
+    for _ in range(4):
+        holey.append_slot()
+    mid = BlockTable(pool)
+    mid.append_slot()
+    holey.append_slot()
+    assert holey.blocks == [0, 2]
+    assert runner.prepare_decode(pool, [holey], [5], [4]).key_run == -1
+    holey.release()
+    mid.release()
+    pool.assert_all_free()
