@@ -119,11 +119,16 @@ def share_groups(tables: list, per_row: float = ATTN_PER_ROW
     return out
 
 
+def _alone(tables, r: int) -> tuple[list[int], list[int], list[np.ndarray]]:
+    blocks = tables[r].blocks
+    return [r], list(blocks), [np.arange(len(blocks))]
+
+
 def _split(tables, rows: list[int], start: int, out: list, per_row: float) -> None:
     """``rows`` share (at least) their first ``start`` blocks."""
     ref = tables[rows[0]].blocks
     if len(rows) == 1:
-        out.append((rows, list(ref), [np.arange(len(ref))]))
+        out.append(_alone(tables, rows[0]))
         return
     k = len(ref)  # the blocks every row shares
     for r in rows[1:]:
@@ -142,6 +147,9 @@ def _split(tables, rows: list[int], start: int, out: list, per_row: float) -> No
         at = {b: i for i, b in enumerate(union)}
         out.append((rows, list(union), [np.fromiter((at[b] for b in tables[r].blocks), np.int64,
                                                     len(tables[r].blocks)) for r in rows]))
+        return
+    if len(by) == len(rows):  # no two rows share a block after the common ones (a prompt's samples)
+        out.extend(_alone(tables, r) for r in rows)
         return
     for sub in by.values():
         _split(tables, sub, k, out, per_row)
