@@ -282,7 +282,8 @@ class ModelRunner:
     def prepare_decode(self, pool, tables, tokens: list[int], positions: list[int], share: bool = True) -> StepInput:
         """One new token per row; each table already holds its slot (the last one).
 
-        A single row gathers its table's slots. Several rows gather whole blocks (``key_blocks``): a row sees
+        A single row reads its table's slots: in place when they are one run of the pool, else gathered. Several
+        rows gather whole blocks (``key_blocks``): a row sees
         every filled slot of the blocks it references and nothing else (the pool's write rule), so its mask is
         each block's fill level, and the copy is ``block_size`` keys per gathered row instead of one. Rows whose
         tables share blocks (the samples of one prompt, the sibling branches of one request) are put in one
@@ -468,9 +469,15 @@ class ModelRunner:
             q = F.linear(h, L.q, L.q_b).view(B, Q, H, D)
             k = F.linear(h, L.k, L.k_b).view(B, Q, KV, D)
             v = F.linear(h, L.v, L.v_b).view(B, Q, KV, D)
-            if L.q_norm is not None:
-                q, k = _rms(q, L.q_norm, L.q_eps), _rms(k, L.k_norm, L.k_eps)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            if L.q_norm is not None and L.q_eps == L.k_eps:
+                # Qwen3: q and k normalised and rotated as one tensor (bit for bit the per-tensor ops, in fewer)
+                w = torch.cat((L.q_norm.expand(H, D), L.k_norm.expand(KV, D)))
+                qk = _rope(_rms(torch.cat((q, k), dim=2), None, L.q_eps) * w, cos, sin)
+                q, k = qk[:, :, :H], qk[:, :, H:]
+            else:
+                if L.q_norm is not None:
+                    q, k = _rms(q, L.q_norm, L.q_eps), _rms(k, L.k_norm, L.k_eps)
+                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kf, vf = pool.k_flat[i], pool.v_flat[i]
             kf.index_copy_(0, write_rows, k.flatten(0, 1).transpose(0, 1).reshape(-1, D))
             vf.index_copy_(0, write_rows, v.flatten(0, 1).transpose(0, 1).reshape(-1, D))
@@ -479,7 +486,7 @@ class ModelRunner:
                 o = o.reshape(B * Q, H * D)
             else:
                 if q_index is not None:  # scatter the rows' queries into their groups (padding queries: zeros)
-                    q = q.new_zeros((Bk * Qm, H, D)).index_copy_(0, q_index, q.view(B, H, D))
+                    q = q.new_zeros((Bk * Qm, H, D)).index_copy_(0, q_index, q.reshape(B, H, D))
                 q = q.reshape(Bk, Qm, KV, g, D)
                 if key_run >= 0:
                     keys = kf.view(KV, -1, D)[:, None, key_run:key_run + Lk]

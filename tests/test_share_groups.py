@@ -256,3 +256,26 @@ def test_a_lone_row_in_one_run_of_the_pool_is_read_in_place():
     holey.release()
     mid.release()
     pool.assert_all_free()
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_q_and_k_normalised_and_rotated_together_equal_the_per_tensor_ops_bit_for_bit(seed):
+    """Qwen3's q_norm / k_norm and RoPE run on q and k as one tensor; with different epsilons (which forces the
+    per-tensor path, the epsilon itself too small to move an fp32 result) the logits and the cached keys are the
+    same bits."""
+    runner, pool, live, dead, toks, pos, _ = _decode_case(seed)
+    start = [(k.clone(), v.clone()) for k, v in zip(pool.k, pool.v)]
+    out = {}
+    for together in (True, False):
+        for L in runner.layers:
+            L.k_eps = L.q_eps if together else L.q_eps * (1 + 1e-9)
+        for (k, v), (k0, v0) in zip(zip(pool.k, pool.v), start):
+            k.copy_(k0)
+            v.copy_(v0)
+        logits = runner.run(pool, runner.prepare_decode(pool, live, toks, pos))
+        out[together] = (logits, [k.clone() for k in pool.k])
+    assert torch.equal(out[True][0], out[False][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[True][1], out[False][1]))
+    for t in live + dead:
+        if not t.released:
+            t.release()
