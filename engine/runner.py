@@ -469,15 +469,15 @@ class ModelRunner:
             q = F.linear(h, L.q, L.q_b).view(B, Q, H, D)
             k = F.linear(h, L.k, L.k_b).view(B, Q, KV, D)
             v = F.linear(h, L.v, L.v_b).view(B, Q, KV, D)
-            if L.q_norm is not None and L.q_eps == L.k_eps:
-                # Qwen3: q and k normalised and rotated as one tensor (bit for bit the per-tensor ops, in fewer)
-                w = torch.cat((L.q_norm.expand(H, D), L.k_norm.expand(KV, D)))
-                qk = _rope(_rms(torch.cat((q, k), dim=2), None, L.q_eps) * w, cos, sin)
-                q, k = qk[:, :, :H], qk[:, :, H:]
-            else:
-                if L.q_norm is not None:
-                    q, k = _rms(q, L.q_norm, L.q_eps), _rms(k, L.k_norm, L.k_eps)
-                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            # q and k normalised (Qwen3) and rotated as one tensor: bit for bit the per-tensor ops, in fewer
+            together = L.q_norm is not None and L.q_eps == L.k_eps
+            if L.q_norm is not None and not together:
+                q, k = _rms(q, L.q_norm, L.q_eps), _rms(k, L.k_norm, L.k_eps)
+            qk = torch.cat((q, k), dim=2)
+            if together:
+                qk = _rms(qk, None, L.q_eps) * torch.cat((L.q_norm.expand(H, D), L.k_norm.expand(KV, D)))
+            qk = _rope(qk, cos, sin)
+            q, k = qk[:, :, :H], qk[:, :, H:]
             kf, vf = pool.k_flat[i], pool.v_flat[i]
             kf.index_copy_(0, write_rows, k.flatten(0, 1).transpose(0, 1).reshape(-1, D))
             vf.index_copy_(0, write_rows, v.flatten(0, 1).transpose(0, 1).reshape(-1, D))

@@ -260,9 +260,9 @@ def test_a_lone_row_in_one_run_of_the_pool_is_read_in_place():
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_q_and_k_normalised_and_rotated_together_equal_the_per_tensor_ops_bit_for_bit(seed):
-    """Qwen3's q_norm / k_norm and RoPE run on q and k as one tensor; with different epsilons (which forces the
-    per-tensor path, the epsilon itself too small to move an fp32 result) the logits and the cached keys are the
-    same bits."""
+    """Qwen3's q_norm / k_norm run on q and k as one tensor; with different epsilons (which forces one norm per
+    tensor, the epsilon itself too small to move an fp32 result) the logits and the cached keys are the same
+    bits."""
     runner, pool, live, dead, toks, pos, _ = _decode_case(seed)
     start = [(k.clone(), v.clone()) for k, v in zip(pool.k, pool.v)]
     out = {}
