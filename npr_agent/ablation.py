@@ -30,7 +30,8 @@ Each arm and seed reports held-out accuracy, valid and parallel rate and mean id
 arm's decoding mode), and decode tokens/s of its final model in parallel and in sequential mode on the same
 problems (all branches' tokens / wall time, the paper's Table 3 measure; a model trained under the parallel
 layout writes other, shorter text in sequential mode, so compare wall times with that in mind). ``report`` writes ``ablation.md``
-(mean +- std over seeds), ``ablation.json`` and ``ablation.png`` (held-out accuracy over sampled tokens, a
+(mean +- std over seeds, then the paper's comparisons as paired per-seed differences: :data:`CONTRASTS`),
+``ablation.json`` and ``ablation.png`` (held-out accuracy over sampled tokens, a
 band of +-1 std over seeds). Finished arms are kept: running the command again resumes.
 """
 
@@ -278,7 +279,38 @@ def summarize(results: list[dict]) -> dict[str, dict]:
     return out
 
 
-def markdown(summary: dict[str, dict], cfg: AblationConfig, wall_s: float | None) -> str:
+# The comparisons of the paper's Table 1, as (arm, baseline, what the difference measures).
+CONTRASTS: tuple[tuple[str, str, str], ...] = (
+    ("papo", "npr-beta", "what stage 3 adds"),
+    ("no-rl", "npr-beta", "more SFT"),
+    ("papo", "no-rl", "RL over SFT at equal tokens"),
+    ("papo", "grpo", "PAPO vs GRPO on the same rollouts"),
+    ("papo", "dapo", "PAPO vs DAPO on the same rollouts"),
+    ("papo", "reinforce", "PAPO vs REINFORCE on the same rollouts"),
+    ("sr-beta", "npr-beta", "the same trajectories, causal vs parallel layout"),
+    ("sr", "sr-beta", "what sequential RL adds"),
+    ("papo", "sr", "the parallel pipeline vs the sequential one"),
+)
+
+
+def differences(results: list[dict]) -> list[dict]:
+    """Each contrast of :data:`CONTRASTS` whose two arms ran on a common seed: the held-out accuracy difference in
+    points on each such seed (paired: the arms of a seed share its held-out set), and its mean and std over
+    seeds (ddof 0). The seed-to-seed spread of a difference is what to hold it against, not the arms' own."""
+    acc = {(r["arm"], r["seed"]): r["accuracy"] for r in results}
+    out = []
+    for arm, base, what in CONTRASTS:
+        seeds = sorted(s for (a, s) in acc if a == arm and (base, s) in acc)
+        if not seeds:
+            continue
+        d = np.array([100.0 * (acc[arm, s] - acc[base, s]) for s in seeds])
+        out.append({"arm": arm, "baseline": base, "what": what, "seeds": seeds, "points": d.round(1).tolist(),
+                    "mean": float(d.mean()), "std": float(d.std())})
+    return out
+
+
+def markdown(summary: dict[str, dict], cfg: AblationConfig, wall_s: float | None,
+             diffs: list[dict] = ()) -> str:
     def ms(row, f, fmt="{:.3f}"):
         return f"{fmt.format(row[f]['mean'])} ± {fmt.format(row[f]['std'])}"
 
@@ -294,6 +326,14 @@ def markdown(summary: dict[str, dict], cfg: AblationConfig, wall_s: float | None
                      f"| {ms(row, 'parallel_rate')} | {ms(row, 'speedup_ideal', '{:.2f}')} "
                      f"| {ms(row, 'tokens_per_s_parallel', '{:.0f}')} | {ms(row, 'tokens_per_s_sequential', '{:.0f}')} "
                      f"| {ms(row, 'tokens_per_s_ratio', '{:.2f}')} | {row['rl_steps']['mean']:.0f} |")
+    if diffs:
+        lines += ["", "Differences in held-out accuracy (points), paired on each seed's held-out set:", "",
+                  "| difference | what | per seed | mean ± std |", "|---|---|---|---|"]
+        for d in diffs:
+            per = " / ".join(f"{p:+.1f}" for p in d["points"])
+            seeds = "/".join(map(str, d["seeds"]))
+            lines.append(f"| {d['arm']} − {d['baseline']} | {d['what']} | {per} (seeds {seeds}) "
+                         f"| {d['mean']:+.1f} ± {d['std']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -354,10 +394,11 @@ def plot(cfg: AblationConfig, results: list[dict], path: Path) -> Path:
 def report(cfg: AblationConfig, results: list[dict], wall_s: float | None = None) -> dict:
     out = Path(cfg.out)
     summary = summarize(results)
-    md = markdown(summary, cfg, wall_s)
+    diffs = differences(results)
+    md = markdown(summary, cfg, wall_s, diffs)
     atomic_write_text(out / "ablation.md", md)
     doc = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
-           "wall_s": wall_s, "arms": summary, "runs": results}
+           "wall_s": wall_s, "arms": summary, "differences": diffs, "runs": results}
     atomic_write_text(out / "ablation.json", json.dumps(doc, indent=2))
     png = plot(cfg, results, out / "ablation.png")
     print(md)
@@ -366,4 +407,5 @@ def report(cfg: AblationConfig, results: list[dict], wall_s: float | None = None
     return doc
 
 
-__all__ = ["ARMS", "AblationConfig", "Arm", "run", "run_arm", "report", "summarize", "decode_speed"]
+__all__ = ["ARMS", "CONTRASTS", "AblationConfig", "Arm", "run", "run_arm", "report", "summarize", "differences",
+           "decode_speed"]

@@ -98,9 +98,24 @@ def test_ablate_smoke_every_arm_one_seed(source, tmp_path):
     md = (out / "ablation.md").read_text()
     assert all(f"| {name} |" in md for name in ablation.ARMS)
     assert (out / "ablation.png").stat().st_size > 10_000
+    assert [(d["arm"], d["baseline"]) for d in doc["differences"]] == [c[:2] for c in ablation.CONTRASTS]
+    assert "| papo − no-rl | RL over SFT at equal tokens |" in md
     mtime = (out / "papo" / "seed0" / "arm.json").stat().st_mtime
     assert npr_main(argv) == 0  # finished arms are read back, not retrained
     assert (out / "papo" / "seed0" / "arm.json").stat().st_mtime == mtime
+    wall, md = json.loads((out / "ablation.json").read_text())["wall_s"], (out / "ablation.md").read_text()
+    assert npr_main(argv + ["--report-only"]) == 0  # the same table, and the wall time of the run is kept
+    assert wall is not None and json.loads((out / "ablation.json").read_text())["wall_s"] == wall
+    assert (out / "ablation.md").read_text() == md
+
+
+def test_differences_are_paired_by_seed_and_skip_contrasts_without_a_common_seed():
+    runs = [{"arm": "npr-beta", "seed": 0, "accuracy": 0.70}, {"arm": "papo", "seed": 0, "accuracy": 0.75},
+            {"arm": "npr-beta", "seed": 1, "accuracy": 0.60}, {"arm": "papo", "seed": 1, "accuracy": 0.71},
+            {"arm": "no-rl", "seed": 2, "accuracy": 0.9}]  # seed 2 has no npr-beta: no-rl's contrasts are skipped
+    (d,) = ablation.differences(runs)
+    assert (d["arm"], d["baseline"], d["seeds"]) == ("papo", "npr-beta", [0, 1])
+    assert d["points"] == [5.0, 11.0] and d["mean"] == pytest.approx(8.0) and d["std"] == pytest.approx(3.0)
 
 
 def test_ablate_refuses_a_folder_that_is_not_a_source_run(tmp_path, capsys):
