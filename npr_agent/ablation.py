@@ -24,7 +24,9 @@ sampling, and the held-out set (the task's test split drawn with that seed, shar
 ===============  ====================================================================================
 
 Equal compute is **sampled tokens**: every RL arm stops at the first step where its rollouts have sampled
-``sampled_tokens`` tokens in all (every branch counts), and ``no-rl`` trains on as many response tokens.
+``sampled_tokens`` tokens in all (every branch counts), and ``no-rl`` trains on as many response tokens. The
+table's "training s" is each arm's wall time to its evaluated checkpoint (its held-out evals included, the
+decode-speed passes not), so a user can weigh the arms at equal wall time too.
 
 Each arm and seed reports held-out accuracy, valid and parallel rate and mean ideal speedup (greedy, in the
 arm's decoding mode), and decode tokens/s of its final model in parallel and in sequential mode on the same
@@ -319,13 +321,14 @@ def markdown(summary: dict[str, dict], cfg: AblationConfig, wall_s: float | None
              f"{cfg.eval_size} problems, greedy" + (f"; wall {wall_s / 60:.1f} min" if wall_s is not None else ""),
              "",
              "| arm | what | eval mode | held-out accuracy | valid | parallel | ideal speedup | tokens/s parallel "
-             "| tokens/s sequential | parallel ÷ sequential | RL steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| tokens/s sequential | parallel ÷ sequential | RL steps | training s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, row in summary.items():
         lines.append(f"| {arm} | {ARMS[arm].what} | {row['mode']} | {ms(row, 'accuracy')} | {ms(row, 'valid_rate')} "
                      f"| {ms(row, 'parallel_rate')} | {ms(row, 'speedup_ideal', '{:.2f}')} "
                      f"| {ms(row, 'tokens_per_s_parallel', '{:.0f}')} | {ms(row, 'tokens_per_s_sequential', '{:.0f}')} "
-                     f"| {ms(row, 'tokens_per_s_ratio', '{:.2f}')} | {row['rl_steps']['mean']:.0f} |")
+                     f"| {ms(row, 'tokens_per_s_ratio', '{:.2f}')} | {row['rl_steps']['mean']:.0f} "
+                     f"| {ms(row, 'train_s', '{:.0f}')} |")
     if diffs:
         lines += ["", "Differences in held-out accuracy (points), paired on each seed's held-out set:", "",
                   "| difference | what | per seed | mean ± std |", "|---|---|---|---|"]
