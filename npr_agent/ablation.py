@@ -45,6 +45,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,7 +313,7 @@ def differences(results: list[dict]) -> list[dict]:
 
 
 def markdown(summary: dict[str, dict], cfg: AblationConfig, wall_s: float | None,
-             diffs: list[dict] = ()) -> str:
+             diffs: Sequence[dict] = ()) -> str:
     def ms(row, f, fmt="{:.3f}"):
         return f"{fmt.format(row[f]['mean'])} ± {fmt.format(row[f]['std'])}"
 
@@ -410,5 +411,22 @@ def report(cfg: AblationConfig, results: list[dict], wall_s: float | None = None
     return doc
 
 
-__all__ = ["ARMS", "CONTRASTS", "AblationConfig", "Arm", "run", "run_arm", "report", "summarize", "differences",
-           "decode_speed"]
+def rebuild_report(cfg: AblationConfig) -> dict:
+    """``--report-only``: the report of the finished arms under ``cfg.out`` (those of ``cfg.arms`` and
+    ``cfg.seeds``), in the arms' order, with the wall time of the run that trained them when its report is there."""
+    results = [json.loads(p.read_text()) for p in sorted(Path(cfg.out).glob("*/seed*/arm.json"))]
+    results = [r for r in results if r["arm"] in cfg.arms and r["seed"] in cfg.seeds]
+    if not results:
+        raise ConfigError(f"--report-only: no finished arm under {cfg.out}")
+    order = list(ARMS)
+    results.sort(key=lambda r: (order.index(r["arm"]), r["seed"]))
+    prev = Path(cfg.out) / "ablation.json"
+    try:
+        wall = json.loads(prev.read_text()).get("wall_s") if prev.exists() else None
+    except (OSError, ValueError, AttributeError):  # an unreadable earlier report: no wall time, nothing lost
+        wall = None
+    return report(cfg, results, wall_s=wall)
+
+
+__all__ = ["ARMS", "CONTRASTS", "AblationConfig", "Arm", "run", "run_arm", "report", "rebuild_report", "summarize",
+           "differences", "decode_speed"]

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -138,18 +137,7 @@ def cmd_ablate(args) -> int:
         eval_size=args.eval_size, speed_problems=args.speed_problems, threads=args.threads,
         overrides=tuple(args.set or ()), show_progress=not args.quiet)
     if args.report_only:
-        results = [json.loads(p.read_text()) for p in sorted(Path(cfg.out).glob("*/seed*/arm.json"))]
-        results = [r for r in results if r["arm"] in cfg.arms and r["seed"] in cfg.seeds]
-        if not results:
-            raise ConfigError(f"--report-only: no finished arm under {cfg.out}")
-        order = list(ablation.ARMS)
-        results.sort(key=lambda r: (order.index(r["arm"]), r["seed"]))  # the table's rows in the arms' order
-        prev = Path(cfg.out) / "ablation.json"  # the wall time of the run that trained them, kept
-        try:
-            wall = json.loads(prev.read_text()).get("wall_s") if prev.exists() else None
-        except (OSError, ValueError, AttributeError):  # an unreadable earlier report: no wall time, nothing lost
-            wall = None
-        ablation.report(cfg, results, wall_s=wall)
+        ablation.rebuild_report(cfg)
         return 0
     ablation.run(cfg)
     return 0
