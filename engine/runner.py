@@ -340,10 +340,11 @@ class ModelRunner:
         return StepInput(ids, pos, write, torch.from_numpy(idx).to(dev), self._mask(seen, (B, 1, 1, -1)),
                          key_blocks=True)
 
-    def _mask(self, seen: np.ndarray, shape: tuple) -> torch.Tensor:
+    def _mask(self, seen: np.ndarray | torch.Tensor, shape: tuple) -> torch.Tensor:
         """An additive bias (0 where ``seen``, -inf elsewhere) of ``shape`` in the model's dtype."""
+        seen = torch.as_tensor(seen, device=self.device)
         bias = torch.zeros(seen.shape, dtype=self.dtype, device=self.device)
-        return bias.masked_fill_(~torch.from_numpy(seen).to(self.device), NEG_INF).view(shape)
+        return bias.masked_fill_(~seen, NEG_INF).view(shape)
 
     def prepare_extend(self, pool, tables, tokens: list[list[int]], positions: list[list[int]],
                        every: bool = False) -> StepInput:
@@ -368,8 +369,7 @@ class ModelRunner:
         qabs = torch.tensor([n - q for n, q in zip(lens, qlens)], device=dev)[:, None] + torch.arange(Q, device=dev)
         klen = torch.tensor(lens, device=dev)
         allowed = (kpos[None, None, :] <= qabs[:, :, None]) & (kpos[None, None, :] < klen[:, None, None])
-        bias = torch.zeros((R, 1, Q, Lk), dtype=self.dtype, device=dev)
-        bias.masked_fill_(~allowed[:, None], NEG_INF)
+        bias = self._mask(allowed[:, None], (R, 1, Q, Lk))
         last = torch.tensor([q - 1 for q in qlens], device=dev)
         out = torch.minimum(torch.arange(Q, device=dev)[None, :], last[:, None]) if every else last
         return StepInput(torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev),
@@ -431,8 +431,8 @@ class ModelRunner:
 
         input_ids, positions: ``[B, Q]``. write_slots: ``[B * Q]`` flat cache slots for the new tokens
         (padding writes to the pool's scratch slot). key_index: ``[B, Lk]`` slots each row attends to, the
-        new tokens included. attn_bias: ``[B, 1, Q, Lk]`` additive float (0 / -inf), or None when no row
-        needs masking (decode rows of equal length).
+        new tokens included. attn_bias: ``[B, 1, Q, Lk]`` additive float (0 / -inf), or None when nothing needs
+        masking (a lone decode row, which sees exactly its keys).
 
         Share-group decode (``Q == 1``, ``q_index`` given): key_index is ``[G, Lk]``, one union of keys per
         group, attn_bias ``[G, 1, Qmax, Lk]`` (query ``j`` of group ``i``: what its row sees), and
