@@ -47,7 +47,8 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     num_subproblems: tuple[int, int] = (2, 4)
-    terms: tuple[int, int] = (5, 6)  # digits per group (the length of each parallel step); npr_env.tasks.GroupSumTasks
+    terms: tuple[int, int] = (5, 6)  # numbers per group (the length of each parallel step); npr_env.tasks.GroupSumTasks
+    digits: int = 1  # digits per number (1: 1-9; 2: 10-99, sums that carry; at most 4)
     instruction: bool = False  # append the NPR instruction to the prompt (for instruct models)
     chat_kwargs: dict = field(default_factory=dict)  # chat-template kwargs, e.g. {"enable_thinking": false} (Qwen3)
     eval_size: int = 512  # held-out problems for accuracy/eval (512: a standard error of ~1.3 points at 0.9)
@@ -510,6 +511,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("num_subproblems", "terms"):
         v = getattr(t, name)
         _check(len(v) == 2 and 1 <= v[0] <= v[1], f"tasks.{name}", v, "a range (lo, hi) with 1 <= lo <= hi")
+    _number("tasks.digits", t.digits, int, 1, 4)
     e = cfg.engine
     _one_of("engine.backend", e.backend, ENGINE_BACKENDS)
     _number("engine.block_size", e.block_size, int, 1)

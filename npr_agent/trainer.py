@@ -104,12 +104,17 @@ def split_heldout(problems: list[Problem], eval_size: int, seed: int, where: str
     return problems[n:], problems[:n]
 
 
+def task_stream(cfg: TrainConfig, split: str, seed: int) -> npr_env.tasks.GroupSumTasks:
+    """The procedural problems of ``cfg.tasks`` in ``split``, generated under ``seed``."""
+    t = cfg.tasks
+    return npr_env.tasks.GroupSumTasks(seed=seed, num_subproblems=t.num_subproblems, terms=t.terms,
+                                       digits=t.digits, split=split)
+
+
 def heldout_stream(cfg: TrainConfig) -> npr_env.tasks.GroupSumTasks:
     """A procedural run's held-out problems, in order: its first ``tasks.eval_size`` are ``heldout.jsonl``, and a
     longer sample continues them (the test split under ``seed + 1``, disjoint from training by construction)."""
-    t = cfg.tasks
-    return npr_env.tasks.GroupSumTasks(seed=cfg.seed + 1, num_subproblems=t.num_subproblems, terms=t.terms,
-                                       split="test")
+    return task_stream(cfg, "test", cfg.seed + 1)
 
 
 class Interrupted(RuntimeError):
@@ -202,8 +207,7 @@ class NPRTrainer:
             train, held = split_heldout(npr_env.tasks.load_problems(t.benchmark), t.eval_size, self.cfg.seed,
                                         where=t.benchmark)
         else:  # the procedural splits are disjoint by construction (a hash of the question picks the split)
-            train = npr_env.tasks.GroupSumTasks(seed=self.cfg.seed, num_subproblems=t.num_subproblems,
-                                               terms=t.terms, split="train")
+            train = task_stream(self.cfg, "train", self.cfg.seed)
             held = heldout_stream(self.cfg).sample(t.eval_size)
         if self.dist.is_main:
             atomic_write_jsonl(self.run_dir / "heldout.jsonl",

@@ -302,7 +302,8 @@ class GroupSumTasks(_ProblemSource):
         <step>2: B=3 8 5 1: 3+8=11, 11+5=16, 16+1=17, so B=17</step>
         <takeaway>A=22 B=17</takeaway>\\boxed{(22,17)}
 
-    Knobs: ``num_subproblems`` (groups, at most 5), ``terms`` (digits per group: the length of each step).
+    Knobs: ``num_subproblems`` (groups, at most 5), ``terms`` (numbers per group: the length of each step),
+    ``digits`` (digits per number, 1-4: 1 is the preset's 1-9; 2 draws 10-99, so the running sums carry).
     Problems are a pure function of ``(seed, index)``; ``split`` keeps train and test questions disjoint (a hash
     of the question text, as in :class:`ProceduralTasks`).
     """
@@ -310,14 +311,19 @@ class GroupSumTasks(_ProblemSource):
     LABELS = "ABCDE"
 
     def __init__(self, seed: int = 0, num_subproblems: int | tuple[int, int] = (2, 4),
-                 terms: int | tuple[int, int] = (5, 6), split: str | None = "train", test_fraction: float = 0.1):
+                 terms: int | tuple[int, int] = (5, 6), split: str | None = "train", test_fraction: float = 0.1,
+                 digits: int = 1):
         self.seed = seed
         self.num_subproblems = _range(num_subproblems, "num_subproblems")
         self.terms = _range(terms, "terms")
         if self.num_subproblems[1] > len(self.LABELS):
             raise ValueError(f"num_subproblems is at most {len(self.LABELS)}, got {num_subproblems!r}")
         if self.terms[0] < 2:
-            raise ValueError(f"terms must be >= 2 (a group of one digit has nothing to add), got {terms!r}")
+            raise ValueError(f"terms must be >= 2 (a group of one number has nothing to add), got {terms!r}")
+        if not isinstance(digits, int) or isinstance(digits, bool) or not 1 <= digits <= 4:
+            raise ValueError(f"digits must be an int from 1 to 4 (digits per number), got {digits!r}")
+        self.digits = digits
+        self._low, self._high = (1, 9) if digits == 1 else (10 ** (digits - 1), 10**digits - 1)
         if split not in ("train", "test", None):
             raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
         self.split, self.test_fraction = split, test_fraction
@@ -328,7 +334,7 @@ class GroupSumTasks(_ProblemSource):
             raise IndexError("procedural problems are indexed from 0")
         for attempt in range(100_000):
             rng = random.Random(f"groupsum/{self.seed}/{i}/{attempt}")
-            groups = [[rng.randint(1, 9) for _ in range(rng.randint(*self.terms))]
+            groups = [[rng.randint(self._low, self._high) for _ in range(rng.randint(*self.terms))]
                       for _ in range(rng.randint(*self.num_subproblems))]
             question = "; ".join(f"{self.LABELS[j]}={' '.join(map(str, g))}" for j, g in enumerate(groups))
             question += ". Sum each."
@@ -362,7 +368,7 @@ class GroupSumTasks(_ProblemSource):
 
     def __repr__(self) -> str:
         return (f"GroupSumTasks(seed={self.seed}, num_subproblems={self.num_subproblems}, terms={self.terms}, "
-                f"split={self.split!r})")
+                f"digits={self.digits}, split={self.split!r})")
 
 
 # -- benchmark loaders -------------------------------------------------------------------------------------------

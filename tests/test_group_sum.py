@@ -29,6 +29,23 @@ def test_solutions_are_valid_correct_and_parallel():
     assert np.mean(speedups) > 1.8  # long steps, short guideline and takeaway
 
 
+def test_default_digits_keep_the_preset_problems():
+    # digits=1 draws exactly what the preset drew before the knob existed: runs and their held-out sets stay put
+    assert GroupSumTasks(seed=0)[0].question == "A=9 7 6 6 3 4; B=9 8 9 5 5; C=3 6 7 3 3; D=6 8 4 3 6 9. Sum each."
+
+
+def test_two_digit_numbers_carry_and_stay_valid():
+    t = GroupSumTasks(seed=2, num_subproblems=(2, 4), terms=(4, 5), digits=2)
+    for i in range(50):
+        p = t[i]
+        numbers = [int(x) for part in p.question[:-len(". Sum each.")].split("; ") for x in part[2:].split()]
+        assert all(10 <= x <= 99 for x in numbers)
+        assert npr_env.parse(p.solutions["parallel"]).is_valid
+        assert verify(p.solutions["parallel"], p.answer) and verify(p.solutions["sequential"], p.answer)
+        assert sum(p.meta["values"]) == sum(numbers)
+    assert "digits=2" in repr(t)
+
+
 def test_bad_knobs_are_clear_errors():
     import pytest
 
@@ -36,3 +53,6 @@ def test_bad_knobs_are_clear_errors():
         GroupSumTasks(num_subproblems=(2, 9))
     with pytest.raises(ValueError, match="terms"):
         GroupSumTasks(terms=1)
+    for bad in (0, 5, 1.5, True):
+        with pytest.raises(ValueError, match="digits"):
+            GroupSumTasks(digits=bad)

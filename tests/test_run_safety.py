@@ -22,6 +22,7 @@ BAD_SETTINGS = [
     ("stage3.lr=nan", "stage3.lr"), ('stage3.algorithm_args={"clip_lo": 0.2}', "stage3.algorithm_args"),
     ("stage3.algorithm_args={bad", "stage3.algorithm_args"), ("device=tpu", "device"),
     ("model.dtype=fp8", "model.dtype"), ("engine.kv_mem_fraction=1.5", "engine.kv_mem_fraction"),
+    ("tasks.digits=5", "tasks.digits"),
 ]
 
 
