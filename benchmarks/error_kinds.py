@@ -68,18 +68,16 @@ def classify(question: str, response: str, valid: bool) -> str:
     return "reduce"
 
 
-def copy_probe(model, tok, n: int = 128, seed: int = 12345) -> dict[str, float]:
-    """Greedy restatement accuracy of the worked parallel solutions of ``n`` test problems (see the module
-    docstring), per layout: ``{layout}/first`` (step 1 of its block) and ``{layout}/later`` (steps 2..)."""
+def copy_probe(model, tok, problems: list) -> dict[str, float]:
+    """Greedy restatement accuracy of the worked parallel solutions of ``problems`` (see the module docstring),
+    per layout: ``{layout}/first`` (step 1 of its block) and ``{layout}/later`` (steps 2..)."""
     import torch
 
     from npr_agent.policy import Sample, build_batch, hidden_states
     from npr_env.convert import parallel_ids
     from npr_env.graph import ExecutionGraph
     from npr_env.prompts import PromptConfig, prompt_ids
-    from npr_env.tasks import GroupSumTasks
 
-    problems = GroupSumTasks(seed=seed, split="test").sample(n)
     step_open = tok.convert_tokens_to_ids("<step>")
     out: dict[str, float] = {}
     for layout in ("parallel", "sequential"):
@@ -176,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.host import retain_freed_memory
     from npr_agent.checkpoint import load_pretrained, load_tokenizer
-    from npr_agent.config import ModelConfig
+    from npr_agent.config import ModelConfig, load_file
+    from npr_agent.trainer import task_stream
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a run directory (its heldout.jsonl is the problem list)")
@@ -199,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.copy_probe:
         model_dir = run / stages[0]
         tok = load_tokenizer(ModelConfig(path=str(model_dir)))
+        # fresh test problems of the run's own task (its digits and group sizes), under a seed no run holds out
+        problems = task_stream(load_file(run / "config.json"), "test", 12345).sample(args.n)
         res = {"run": str(run), "stage": stages[0], "n": args.n,
-               **copy_probe(load_pretrained(model_dir).eval(), tok, args.n)}
+               **copy_probe(load_pretrained(model_dir).eval(), tok, problems)}
         return _emit(res, args.json)
     problems = heldout(run, args.n)
     results = [decode_errors(run, s, problems, args.mode, args.max_new_tokens) for s in stages]

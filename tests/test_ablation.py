@@ -160,3 +160,10 @@ def test_error_kinds_compares_stages_on_the_held_out_stream_continued(source, tm
         assert s["accuracy"] == pytest.approx(1 - len(s["wrong"]) / len(problems))
     with pytest.raises(SystemExit, match="stage3"):
         error_kinds.main(["--run", str(source), "--stage", "stage2,stage3"])
+    # the copy probe teacher-forces fresh problems of the run's own task through the seed, in both layouts
+    error_kinds.main(["--copy-probe", "--run", str(source), "--stage", "stage0", "--n", "3", "--threads", "1",
+                      "--json", str(out)])
+    probe = json.loads(out.read_text())
+    assert {k for k in probe if "/" in k} == {f"{lay}/{w}" for lay in ("parallel", "sequential")
+                                             for w in ("first", "later")}
+    assert all(0 <= probe[k] <= 1 for k in probe if "/" in k)

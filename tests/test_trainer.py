@@ -245,7 +245,9 @@ def test_the_recipe_configs_change_only_their_fields():
         ("stage1", "steps"): 20, ("stage2", "target_kept"): 200, ("stage2", "epochs_cap"): 24,
         ("stage2", "steps"): 400, ("stage3", "steps"): 150, ("stage3", "eval_every"): 25,
         ("stage3", "replay_fraction"): 0.0, ("stage3", "select_every"): 0})
-    for f in ("configs/tiny-curriculum.toml", "configs/tiny-fixed-budget.toml"):
+    # the ablation's source: the preset cut at 115 stage-2 steps
+    _differs_only_in(load_file("configs/tiny-ablation-source.toml"), tiny, {("stage2", "steps"): 115})
+    for f in ("configs/tiny-curriculum.toml", "configs/tiny-fixed-budget.toml", "configs/tiny-ablation-source.toml"):
         validate(load_file(f))
 
 
