@@ -76,6 +76,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def rollout_problems(model: str, problems: str | None, n: int, seed: int) -> tuple[list, str]:
+    """The problems ``npr rollout`` shows, and where they came from: ``problems`` (a JSONL or JSON file in any
+    benchmark schema) if given, else the held-out problems of the run the checkpoint belongs to (its
+    ``heldout.jsonl``, one folder up: the run's own task, whatever its digits or group sizes), else the tiny
+    preset's test split. ``seed`` picks which ``n``."""
+    import random
+
+    from npr_env.tasks import GroupSumTasks, load_problems
+
+    path = Path(problems) if problems else Path(model).parent / "heldout.jsonl"
+    if problems or path.is_file():
+        pool = load_problems(path)
+        if not pool:
+            raise TaskFormatError(f"{path}: no problems")
+        return random.Random(seed).sample(pool, min(n, len(pool))), f"{path} ({len(pool)} problems)"
+    where = f"the tiny preset's test split (no heldout.jsonl beside {model}; pass --problems to choose)"
+    return GroupSumTasks(seed=seed, split="test").sample(n), where
+
+
 def cmd_rollout(args) -> int:
     import torch
 
@@ -83,7 +102,6 @@ def cmd_rollout(args) -> int:
     from engine.host import retain_freed_memory
     from npr_env.prompts import PromptConfig, load_prompt_config, prompt_ids
     from npr_env.render import render_ansi, render_rgb
-    from npr_env.tasks import GroupSumTasks
 
     from .checkpoint import load_pretrained, load_tokenizer
     from .config import ModelConfig
@@ -92,7 +110,8 @@ def cmd_rollout(args) -> int:
     retain_freed_memory()
     tok = load_tokenizer(ModelConfig(path=args.model))
     model = load_pretrained(args.model).eval()
-    problems = GroupSumTasks(seed=args.seed, split="test").sample(args.n)
+    problems, where = rollout_problems(args.model, args.problems, args.n, args.seed)
+    print(f"problems: {where}")
     saved = load_prompt_config(args.model) or PromptConfig()  # the prompt the checkpoint was trained on
     cfg = PromptConfig(saved.instruction if args.instruction is None else args.instruction, saved.chat_kwargs)
     prompts = [prompt_ids(tok, p, cfg) for p in problems]
@@ -169,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append the NPR instruction (default: as the checkpoint was trained, npr_prompt.json)")
     r.add_argument("--no-instruction", dest="instruction", action="store_false")
     r.add_argument("--render-dir", help="also write a PNG of each graph here")
+    r.add_argument("--problems", help="a JSONL/JSON problem file (default: the run's heldout.jsonl beside the "
+                                      "checkpoint, else the tiny preset's test split)")
     sub.add_parser("eval", help="benchmarks (see `npr eval --help`)", add_help=False)
     a = sub.add_parser("ablate", help="the paper's comparisons over seeds, from one stage-1 run")
     a.add_argument("--from", dest="source", required=True,

@@ -214,13 +214,22 @@ def test_smoke_run_all_stages(tmp_path):
     assert mism and max(mism) <= 1e-4  # engine and trainer logprobs agree (fp32)
 
 
-def test_cli_smoke_entry_point(tmp_path):
-    """The CLI path itself, with only stage 0 (the full smoke run is the slow test above)."""
+def test_cli_smoke_entry_point(tmp_path, capsys):
+    """The CLI path itself, with only stage 0 (the full smoke run is the slow test above); `npr rollout` of its
+    checkpoint shows the run's own held-out problems (two-digit numbers here), not the preset's."""
     rc = npr_main(["train", "--smoke", "--stage", "stage0", "--out", str(tmp_path / "cli"), "--quiet",
                    "--set", "stage0.steps=2", "--set", "tasks.eval_size=2", "--set", "eval.max_new_tokens=16",
-                   "--set", "model.num_layers=1", "--set", "threads=1"])
+                   "--set", "model.num_layers=1", "--set", "threads=1", "--set", "tasks.digits=2"])
     assert rc == 0
     assert (tmp_path / "cli" / "stage0" / "DONE").exists()
+    held = [json.loads(line)["question"] for line in (tmp_path / "cli" / "heldout.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    ckpt = str(tmp_path / "cli" / "stage0")
+    assert npr_main(["rollout", "--model", ckpt, "-n", "2", "--max-new-tokens", "4", "--threads", "1"]) == 0
+    shown = [line[4:].split("   gold:")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("=== ")]
+    assert sorted(shown) == sorted(held)
+    assert npr_main(["rollout", "--model", ckpt, "--problems", str(tmp_path / "none.jsonl")]) == 2
+    assert "none.jsonl: no such problem file" in capsys.readouterr().err
 
 
 def _differs_only_in(cfg, tiny, named: dict) -> None:
