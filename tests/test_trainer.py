@@ -256,7 +256,10 @@ def test_the_recipe_configs_change_only_their_fields():
         ("stage3", "replay_fraction"): 0.0, ("stage3", "select_every"): 0})
     # the ablation's source: the preset cut at 115 stage-2 steps
     _differs_only_in(load_file("configs/tiny-ablation-source.toml"), tiny, {("stage2", "steps"): 115})
-    for f in ("configs/tiny-curriculum.toml", "configs/tiny-fixed-budget.toml", "configs/tiny-ablation-source.toml"):
+    _differs_only_in(load_file("configs/tiny-three-digit.toml"), tiny, {("tasks", "digits"): 3,
+                                                                       ("tasks", "terms"): (3, 4)})
+    for f in ("configs/tiny-curriculum.toml", "configs/tiny-fixed-budget.toml", "configs/tiny-ablation-source.toml",
+              "configs/tiny-three-digit.toml"):
         validate(load_file(f))
 
 
