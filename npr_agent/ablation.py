@@ -1,6 +1,6 @@
 """``npr ablate``: the paper's comparisons (its Tables 1 and 3) in miniature, over several seeds.
 
-    npr train --config configs/tiny-ablation-source.toml --set seed=1 --stage stage0,stage1,stage2 --out runs/src
+    npr train --config configs/tiny-three-digit.toml --set seed=0 --stage stage0,stage1,stage2 --out runs/src
     npr ablate --from runs/src --out runs/ablate --seeds 0,1,2               # every arm x seed
     tensorboard --logdir runs/ablate                                         # a run per arm and seed
 
