@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 KEY_FIGURES = ("reward/mean", "accuracy/train", "format/valid_rate", "parallel/rate", "loss/policy", "loss/sft")
@@ -102,6 +103,22 @@ def progress(total: int, desc: str, disable: bool = False):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=disable, leave=True)
+
+
+@contextmanager
+def library_progress(enabled: bool):
+    """transformers' own progress bars (loading and writing checkpoints) on or off for the block, as ours are;
+    the setting it found is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if enabled != was:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        if enabled != was:
+            (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def postfix(metrics: dict) -> dict:

@@ -42,7 +42,7 @@ from .config import ConfigError, RLConfig, SFTConfig, Stage0Config, TrainConfig,
 from .distributed import LOCAL, Dist, is_sharded, unwrap
 from .eval_metrics import rollout_stats
 from .files import atomic_write_jsonl, atomic_write_text
-from .logger import RunLogger, plot_summary, postfix, progress
+from .logger import RunLogger, library_progress, plot_summary, postfix, progress
 from .policy import Sample
 from .replay import MixedGroupReplay, mixed_groups
 from .updates import BestWeights, WeightAverage, policy_update, sft_update
@@ -303,12 +303,13 @@ class NPRTrainer:
         for s in stages:
             if s not in STAGES:
                 raise ValueError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
-        for s in stages:
-            if self.resume and (self.run_dir / s / "DONE").exists():
-                print(f"[{s}] already done in {self.run_dir / s}; skipping")
-                continue
-            getattr(self, f"run_{s}")()
-            self.logger.flush()
+        with library_progress(self.show_progress):  # --quiet: no bars from checkpoint loads and saves either
+            for s in stages:
+                if self.resume and (self.run_dir / s / "DONE").exists():
+                    print(f"[{s}] already done in {self.run_dir / s}; skipping")
+                    continue
+                getattr(self, f"run_{s}")()
+                self.logger.flush()
         png = plot_summary(self.logger.metrics_path, self.run_dir / "summary.png")
         self.summary["summary_png"] = str(png)
         self._save_summary()

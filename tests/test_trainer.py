@@ -215,13 +215,15 @@ def test_smoke_run_all_stages(tmp_path):
 
 
 def test_cli_smoke_entry_point(tmp_path, capsys):
-    """The CLI path itself, with only stage 0 (the full smoke run is the slow test above); `npr rollout` of its
-    checkpoint shows the run's own held-out problems (two-digit numbers here), not the preset's."""
+    """The CLI path itself, with only stage 0 (the full smoke run is the slow test above), quiet: no progress bar,
+    transformers' included; `npr rollout` of its checkpoint shows the run's own held-out problems (two-digit numbers here), not the preset's."""
     rc = npr_main(["train", "--smoke", "--stage", "stage0", "--out", str(tmp_path / "cli"), "--quiet",
                    "--set", "stage0.steps=2", "--set", "tasks.eval_size=2", "--set", "eval.max_new_tokens=16",
                    "--set", "model.num_layers=1", "--set", "threads=1", "--set", "tasks.digits=2"])
     assert rc == 0
     assert (tmp_path / "cli" / "stage0" / "DONE").exists()
+    err = capsys.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err  # --quiet: transformers' bars too
     held = [json.loads(line)["question"] for line in (tmp_path / "cli" / "heldout.jsonl").read_text().splitlines()]
     capsys.readouterr()
     ckpt = str(tmp_path / "cli" / "stage0")
