@@ -233,6 +233,7 @@ class NPREngine:
             "kv_slots_per_decode": self.runner.decode_kv_slots / max(1, self.runner.decode_forwards),
             "paged_decode_forwards": self.runner.paged_forwards,  # of decode_forwards: read the pool in place
             "gemm_attention_forwards": self.runner.gemm_forwards,  # forwards whose attention ran as two GEMMs
+            "gather_buffer_bytes": self.runner.gather_buffer_bytes,  # reused by every gather (kept until release)
         }
         return rollouts
 
@@ -258,13 +259,14 @@ class NPREngine:
                 f"kv_cache_bytes or kv_mem_fraction a larger value, or shorten the prompt")
 
     def release_memory(self) -> None:
-        """Free the KV pool's tensors (between rollouts, e.g. for the policy update); the block accounting and
-        :attr:`pool_info` stay, and the next :meth:`generate` (or :meth:`resume_memory`) allocates zeros again.
-        The weights are the live module's and are not touched. On CUDA the freed memory returns to PyTorch's
+        """Free the KV pool's tensors and the runner's K/V gather buffers (between rollouts, e.g. for the policy
+        update); the block accounting and :attr:`pool_info` stay, and the next :meth:`generate` (or
+        :meth:`resume_memory`) allocates zeros again. The weights are the live module's and are not touched. On CUDA the freed memory returns to PyTorch's
         caching allocator, where the learner in this process reuses it (no ``empty_cache``)."""
         if self.pool.num_used:  # a previous generate died half-way: its blocks are dead, start clean
             self.pool = self._new_pool(allocate=False)
         self.pool.release_storage()
+        self.runner.release_buffers()
 
     def resume_memory(self) -> None:
         """Allocate the KV pool's tensors again now (``generate`` also does it when needed)."""

@@ -233,6 +233,7 @@ class ModelRunner:
         self.decode_attention = decode_attention
         self.gemm_attention = gemm_attention  # False: every gathered attention through SDPA (as before the GEMM path)
         self._paged: PagedDecode | None = None
+        self._gather_bufs: list[torch.Tensor | None] = [None, None]  # decode's K and V gathers (see _gather)
         self.reset_counters()
         self.bind()
 
@@ -409,6 +410,26 @@ class ModelRunner:
         head = self.model.get_output_embeddings()
         self.head_w, self.head_b = head.weight, _bias(head)
 
+    def _gather(self, which: int, src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``src.index_select(0, index)`` into buffer ``which`` (0: keys, 1: values), reused by every layer and
+        step: a layer's gathered K/V are dead once its attention ran. A fresh multi-MB output per call would be
+        a new mapping whose pages fault in on every write (glibc returns large blocks to the system)."""
+        n = index.numel() * src.shape[1]
+        buf = self._gather_bufs[which]
+        if buf is None or buf.numel() < n or buf.dtype != src.dtype or buf.device != src.device:
+            buf = torch.empty(max(n, 2 * (buf.numel() if buf is not None else 0)), dtype=src.dtype, device=src.device)
+            self._gather_bufs[which] = buf
+        return torch.index_select(src, 0, index, out=buf[:n].view(index.numel(), src.shape[1]))
+
+    @property
+    def gather_buffer_bytes(self) -> int:
+        """Bytes held by the reused K/V gather buffers (:meth:`_gather`); 0 after :meth:`release_buffers`."""
+        return sum(b.numel() * b.element_size() for b in self._gather_bufs if b is not None)
+
+    def release_buffers(self) -> None:
+        """Drop the gather buffers (the engine's ``release_memory``); the next gather allocates them again."""
+        self._gather_bufs = [None, None]
+
     def rotary_cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[B, Q, D]`` for the positions, from the model's own rotary module (or its cached table)."""
         if not self._rope_table_ok:
@@ -492,8 +513,8 @@ class ModelRunner:
                     keys = kf.view(KV, -1, D)[:, None, key_run:key_run + Lk]
                     vals = vf.view(KV, -1, D)[:, None, key_run:key_run + Lk]
                 else:
-                    keys = kf.view(-1, unit * D).index_select(0, kv_rows).view(KV, Bk, Lk, D)
-                    vals = vf.view(-1, unit * D).index_select(0, kv_rows).view(KV, Bk, Lk, D)
+                    keys = self._gather(0, kf.view(-1, unit * D), kv_rows).view(KV, Bk, Lk, D)
+                    vals = self._gather(1, vf.view(-1, unit * D), kv_rows).view(KV, Bk, Lk, D)
                 if gemm:
                     o = _gemm_attention(q, keys, vals, attn_bias, self.scale)
                 else:

@@ -61,6 +61,26 @@ def test_block_gather_equals_each_row_decoded_alone(seed):
     release(live + dead)
 
 
+def test_gathers_write_into_one_reused_buffer_per_k_and_v():
+    """Every layer and step gathers into the same two buffers (no fresh multi-MB tensor per call, whose pages would
+    fault in again), which grow only when a step needs more; the logits are the same from fresh buffers."""
+    runner, pool, live, dead, toks, pos, _ = decode_case(0)
+    inp = runner.prepare_decode(pool, live, toks, pos, share=False)
+    first = runner.run(pool, inp)
+    held = runner.gather_buffer_bytes
+    assert held >= 2 * inp.key_index.numel() * pool.block_size * runner.head_dim * runner.kv_heads * 4
+    ptrs = [b.data_ptr() for b in runner._gather_bufs]
+    assert len(live) > 2
+    two = runner.prepare_decode(pool, live[:2], toks[:2], pos[:2], share=False)  # a smaller gather: same buffers
+    assert two.key_blocks and two.key_index.numel() < inp.key_index.numel()
+    runner.run(pool, two)
+    assert [b.data_ptr() for b in runner._gather_bufs] == ptrs and runner.gather_buffer_bytes == held
+    runner.release_buffers()
+    assert runner.gather_buffer_bytes == 0
+    assert torch.equal(runner.run(pool, inp), first)  # the same step again (it rewrites the same K/V)
+    release(live + dead)
+
+
 def test_a_lone_row_in_one_run_of_the_pool_is_read_in_place():
     """A lone decode row whose slots are one run of the pool (a fresh pool hands out the lowest block first)
     reads K/V as a view; its logits equal those of gathering the same slots, and nothing is counted as gathered."""

@@ -143,8 +143,10 @@ def test_release_memory_drops_the_pool_and_generate_restores_it(model):
     prompts = [enc("abc"), enc("de")]
     eng = NPREngine(model, TOK, num_blocks=64, block_size=4)
     before = eng.generate(prompts, sp)
+    assert eng.runner.gather_buffer_bytes == eng.last_stats["gather_buffer_bytes"] > 0  # two rows gathered K/V
     eng.release_memory()
     assert eng.memory_released and eng.pool.k == [] and eng.pool.v == [] and eng.pool.num_blocks == 64
+    assert eng.runner.gather_buffer_bytes == 0  # the gather buffers go with the pool
     after = eng.generate(prompts, sp)  # allocates the tensors again
     assert not eng.memory_released and len(eng.pool.k) == 2
     assert [r.token_ids for r in after] == [r.token_ids for r in before]
