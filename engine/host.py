@@ -2,15 +2,19 @@
 
 Every CPU tensor is a ``malloc``. glibc serves a block above its mmap threshold with a fresh ``mmap`` and unmaps
 it on free. The threshold starts at 128 KiB and rises to the size of each such block freed (at most 32 MiB), and
-the heap's free top is trimmed back to the kernel above twice that. A decode step gathers each share group's K/V
-out of the pool, ~3 MB per layer for the tiny preset's 64 rows and more as contexts grow, so in a process that
-does nothing else the threshold trails the gathers: they are mapped or trimmed and fault every page in again.
+the heap's free top is trimmed back to the kernel above twice that. A decode step gathered each share group's K/V
+out of the pool into a fresh tensor, ~3 MB per layer for the tiny preset's 64 rows and more as contexts grow, so
+in a process that does nothing else the threshold trailed the gathers: they were mapped or trimmed and faulted
+every page in again. The runner now gathers into two reused buffers (``ModelRunner._gather``), which removes the
+largest such tensors at the source; the other per-step temporaries (scores, activations) are smaller.
 :func:`retain_freed_memory` fixes the thresholds above such tensors, so freed blocks stay in the heap for reuse.
 
 Measured on a 2-core AMD EPYC, 2 threads, processes alternating (docs/results.md, "Host memory"):
 ``benchmarks.error_kinds`` on 512 problems took 36.3 / 32.0 s with 2.5M minor page faults by default and
-27.5 / 28.5 s with 0.21M. The processes that only decode call it: ``npr rollout``, ``npr eval``,
-``benchmarks.error_kinds`` and ``benchmarks.engine_speed`` (both of its arms, the engine and HF ``generate``).
+27.5 / 28.5 s with 0.21M (before the reused gather buffers; with them, one sequential ``generate`` of seed 0's
+stage 1, 64 rows, took 1.71-1.91 s by default and 1.69 s with the thresholds). The processes that only decode
+call it: ``npr rollout``, ``npr eval``, ``benchmarks.error_kinds`` and ``benchmarks.engine_speed`` (both of its
+arms, the engine and HF ``generate``).
 
 The trainer does not. Its updates free larger tensors, which lift glibc's own threshold early: a stage-3 step
 took ~40k faults by default (about 1% of its time), and four paired 20-step stage-3 runs gave rollouts of
