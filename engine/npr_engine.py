@@ -261,8 +261,9 @@ class NPREngine:
     def release_memory(self) -> None:
         """Free the KV pool's tensors and the runner's K/V gather buffers (between rollouts, e.g. for the policy
         update); the block accounting and :attr:`pool_info` stay, and the next :meth:`generate` (or
-        :meth:`resume_memory`) allocates zeros again. The weights are the live module's and are not touched. On CUDA the freed memory returns to PyTorch's
-        caching allocator, where the learner in this process reuses it (no ``empty_cache``)."""
+        :meth:`resume_memory`) allocates zeros again. The weights are the live module's and are not touched.
+        On CUDA the freed memory returns to PyTorch's caching allocator, where the learner in this process reuses
+        it (no ``empty_cache``)."""
         if self.pool.num_used:  # a previous generate died half-way: its blocks are dead, start clean
             self.pool = self._new_pool(allocate=False)
         self.pool.release_storage()
