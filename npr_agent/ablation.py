@@ -53,7 +53,7 @@ import numpy as np
 
 from .config import ConfigError, TrainConfig, apply_overrides, load_file, validate
 from .files import atomic_write_text
-from .logger import read_metrics
+from .logger import library_progress, read_metrics
 
 
 @dataclass(frozen=True)
@@ -258,10 +258,11 @@ def run(cfg: AblationConfig) -> dict:
     t0 = time.time()
     order = sorted(cfg.arms, key=lambda a: ARMS[a].stage)  # SFT arms first: the RL arms start from npr-beta
     results = []
-    for seed in cfg.seeds:
-        for name in order:
-            print(f"[ablate] {name}, seed {seed}")
-            results.append(run_arm(cfg, ARMS[name], seed))
+    with library_progress(cfg.show_progress):  # --quiet: the arms' checkpoint loads print no bars either
+        for seed in cfg.seeds:
+            for name in order:
+                print(f"[ablate] {name}, seed {seed}")
+                results.append(run_arm(cfg, ARMS[name], seed))
     return report(cfg, results, wall_s=time.time() - t0)
 
 

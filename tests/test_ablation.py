@@ -75,14 +75,17 @@ def test_ablation_arms_end_on_their_last_weights(source):
 
 
 @pytest.mark.slow
-def test_ablate_smoke_every_arm_one_seed(source, tmp_path):
+def test_ablate_smoke_every_arm_one_seed(source, tmp_path, capsys):
     """`npr ablate` end to end with one seed and a few steps per arm: a result per arm, the table, the JSON,
-    the PNG and a TensorBoard run per arm; running it again reads the finished arms back."""
+    the PNG and a TensorBoard run per arm, and with --quiet no progress bar (transformers' included); running it
+    again reads the finished arms back."""
     out = tmp_path / "abl"
     argv = ["ablate", "--from", str(source), "--out", str(out), "--seeds", "0", "--sampled-tokens", "400",
             "--max-steps", "3", "--eval-every", "1", "--eval-size", "4", "--speed-problems", "2", "--threads", "1",
             "--quiet", "--set", "stage3.prompts_per_step=2", "--set", "stage3.group_size=2"]
     assert npr_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err
     doc = json.loads((out / "ablation.json").read_text())
     assert set(doc["arms"]) == set(ablation.ARMS)
     by = {r["arm"]: r for r in doc["runs"]}
