@@ -216,7 +216,8 @@ def test_smoke_run_all_stages(tmp_path):
 
 def test_cli_smoke_entry_point(tmp_path, capsys):
     """The CLI path itself, with only stage 0 (the full smoke run is the slow test above), quiet: no progress bar,
-    transformers' included; `npr rollout` of its checkpoint shows the run's own held-out problems (two-digit numbers here), not the preset's."""
+    transformers' included; `npr rollout` of its checkpoint shows the run's own held-out problems (two-digit
+    numbers here), not the preset's."""
     rc = npr_main(["train", "--smoke", "--stage", "stage0", "--out", str(tmp_path / "cli"), "--quiet",
                    "--set", "stage0.steps=2", "--set", "tasks.eval_size=2", "--set", "eval.max_new_tokens=16",
                    "--set", "model.num_layers=1", "--set", "threads=1", "--set", "tasks.digits=2"])
